@@ -1,0 +1,39 @@
+"""Make the tangled package importable and point failures in generated code back into llm.org."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))            # tangle.py, weave.py
+sys.path.insert(0, str(ROOT / "build"))  # the package tangled from llm.org
+
+import tangle  # noqa: E402
+
+
+def book_frames(tb, org: Path = ROOT / "llm.org") -> list[str]:
+    """For each traceback frame in a tangled file: `file:line -> llm.org:LINE ⟨chunk⟩`."""
+    files = tangle.load_manifest(org)["files"]
+    root = org.resolve().parent
+    out = []
+    while tb is not None:
+        path, lineno = Path(tb.tb_frame.f_code.co_filename), tb.tb_lineno
+        try:
+            rel = path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            rel = None
+        if rel in files and lineno <= len(files[rel]["map"]):
+            org_line, chunk = files[rel]["map"][lineno - 1]
+            out.append(f"{rel}:{lineno} -> {org.name}:{org_line} ⟨{chunk}⟩")
+        tb = tb.tb_next
+    return out
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None:
+        frames = book_frames(call.excinfo.tb)
+        if frames:
+            report.sections.append(("where to fix it in llm.org", "\n".join(frames)))
