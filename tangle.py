@@ -47,6 +47,8 @@ HEADING = re.compile(r"^(\*+)[ \t]+(.*?)[ \t]*$")
 COMMENT_TITLE = re.compile(r"^(?:[A-Z]+[ \t]+)?(?:\[#.\][ \t]+)?COMMENT(?:[ \t]|$)")
 BEGIN_SRC = re.compile(r"^[ \t]*#\+begin_src(?:[ \t]+(.*?))?[ \t]*$", re.I)
 END_SRC = re.compile(r"^[ \t]*#\+end_src[ \t]*$", re.I)
+# Other verbatim blocks (example, export, ...) hold literal text: no code blocks inside.
+BEGIN_VERBATIM = re.compile(r"^[ \t]*#\+begin_(example|export|comment)\b", re.I)
 KEYWORD = re.compile(r"^[ \t]*#\+([A-Za-z_][\w-]*)(?:\[[^\]]*\])?:(?:[ \t]+(.*?))?[ \t]*$")
 PLANNING = re.compile(r"^[ \t]*(?:SCHEDULED|DEADLINE|CLOSED):")
 DRAWER_BEGIN = re.compile(r"^[ \t]*:PROPERTIES:[ \t]*$", re.I)
@@ -144,6 +146,13 @@ def parse(path: Path, text: str | None = None) -> Document:
             continue
         if END_SRC.match(line):
             raise TangleError(path, lineno, "#+end_src without a #+begin_src")
+        if m := BEGIN_VERBATIM.match(line):
+            end = re.compile(rf"^[ \t]*#\+end_{m.group(1)}[ \t]*$", re.I)
+            k = next((k for k in range(i + 1, len(lines)) if end.match(lines[k])), None)
+            if k is None:
+                raise TangleError(path, lineno, f"#+begin_{m.group(1)} without #+end_{m.group(1)}")
+            i = k + 1
+            continue
         if (m := KEYWORD.match(line)) and m.group(1).lower() == "property":
             add_global_property(path, lineno, m.group(2) or "", global_props)
         i += 1

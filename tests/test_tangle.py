@@ -434,3 +434,17 @@ def test_llm_org_is_in_sync_and_fast():
     result = subprocess.run([sys.executable, "tangle.py", "--check", "llm.org"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_blocks_are_literal(tmp_path):
+    assert run(tmp_path, """
+        #+begin_example
+        #+begin_src python :tangle never.py
+        shown, not tangled
+        #+end_src
+        #+end_example
+        #+begin_src python :tangle out.py
+        x = 1
+        #+end_src
+        """) == 0
+    assert read(tmp_path, "out.py") == "x = 1\n" and not (tmp_path / "never.py").exists()
