@@ -137,18 +137,25 @@ def marked_source(doc: tangle.Document) -> str:
     return "\n".join(lines)
 
 
-def read_org(doc: tangle.Document, text: str) -> dict:
+def pandoc(doc: tangle.Document, args: list[str], text: str) -> tuple[str, str]:
+    """Run the pandoc that pypandoc-binary ships: (stdout, stderr)."""
+    import subprocess
     import pypandoc
-    try:
-        out = pypandoc.convert_text(text, "json", format="org", extra_args=["--quiet"])
-    except RuntimeError as e:
-        msg = str(e)
-        m = re.search(r"line (\d+), column (\d+)\):\s*(.*)", msg, re.S)
+    run = subprocess.run([pypandoc.get_pandoc_path(), *args], input=text.encode("utf-8"),
+                         capture_output=True)
+    out, err = run.stdout.decode("utf-8"), run.stderr.decode("utf-8", "replace")
+    if run.returncode != 0:
+        m = re.search(r"line (\d+), column (\d+)\):\s*(.*)", err, re.S)
         if m:
             detail = " ".join(m.group(3).split("\n")[:2]).strip()
             raise TangleError(doc.path, int(m.group(1)),
-                              f"pandoc cannot read column {m.group(2)}: {detail}") from None
-        raise TangleError(doc.path, None, f"pandoc failed: {msg}") from None
+                              f"pandoc cannot read column {m.group(2)}: {detail}")
+        raise TangleError(doc.path, None, f"pandoc failed: {err.strip()}")
+    return out, err
+
+
+def read_org(doc: tangle.Document, text: str) -> dict:
+    out, _ = pandoc(doc, ["--from=org", "--to=json"], text)
     return json.loads(out)
 
 
@@ -276,6 +283,10 @@ class Rewriter:
                     self.floats[c[0][0]] = "table"
                 elif t in ("RawInline", "RawBlock") and c[0] == "latex":
                     for lab in LABEL.findall(c[1]):
+                        if lab in self.equations:
+                            hits = [k + 1 for k, s in enumerate(self.lines) if f"\\label{{{lab}}}" in s]
+                            raise self.error(hits[1] if len(hits) > 1 else None,
+                                             f"\\label{{{lab}}} is used twice")
                         self.equations.add(lab)
                 if isinstance(c, (list, dict)):
                     walk(c)
@@ -391,7 +402,7 @@ class Rewriter:
         # #+ATTR_HTML: :width 60% lands on the Figure, where the Typst writer ignores it.
         moved = [kv for kv in attr[2] if kv[0] in ("width", "height")]
         def size(b):
-            if b.get("t") == "Image" and moved:
+            if b.get("t") == "Image" and moved:  # before self.blocks() turns it into a list
                 a = b["c"][0]
                 b = el("Image", [[a[0], a[1], a[2] + moved], b["c"][1], b["c"][2]])
             return b
@@ -461,7 +472,7 @@ class Rewriter:
             line = self.advance(c[1])
             return [typ(self.mark(line)), x]
         if t == "Image":
-            return [self.image(x)]
+            return self.image(x)
         if t in ("Emph", "Strong", "Strikeout", "Superscript", "Subscript", "SmallCaps", "Underline"):
             return [el(t, self.inlines(c))]
         if t == "Span":
@@ -476,7 +487,7 @@ class Rewriter:
             return [el(t, [c[0], self.inlines(c[1])])]
         return [x]
 
-    def image(self, x: dict) -> dict:
+    def image(self, x: dict) -> list:
         attr, alt, (url, title) = x["c"]
         if re.match(r"^[a-z][a-z0-9+.-]*://", url):
             raise self.error(self.find_line(url), f"remote image {url}: the book needs a local file")
@@ -489,7 +500,7 @@ class Rewriter:
             rel = real.relative_to(self.root).as_posix()
         except ValueError:
             raise self.error(line, f"image {path} is outside the book's folder") from None
-        return el("Image", [attr, self.inlines(alt), ["/" + rel, title]])
+        return [typ(self.mark(line)), el("Image", [attr, self.inlines(alt), ["/" + rel, title]])]
 
     def link(self, target: str, content: list) -> list:
         """[[*Heading]], [[name]] and [[name][description]]: real links, or an error."""
@@ -566,6 +577,19 @@ class Rewriter:
 # ---------------------------------------------------------------------------
 # 3. Typeset
 # ---------------------------------------------------------------------------
+
+def write_typst(doc: tangle.Document, ast: dict) -> str:
+    """Pandoc's Typst writer; TeX math it cannot convert is an error at its Org line."""
+    body, err = pandoc(doc, ["--from=json", "--to=typst", "--wrap=none"], json.dumps(ast))
+    for m in re.finditer(r"Could not convert TeX math (.*?), rendering as TeX:\n(.*?)(?=\n\S|\Z)",
+                         err, re.S):
+        tex = m.group(1).strip()
+        line = next((k + 1 for k, s in enumerate(doc.lines) if tex.split("\n")[0] in s), None)
+        why = m.group(2).strip().split("\n")
+        reason = why[2].strip() if len(why) > 2 else ""
+        raise TangleError(doc.path, line, f"pandoc cannot turn this math into Typst: {tex} ({reason})")
+    return body
+
 
 def org_keyword(doc: tangle.Document, key: str) -> str | None:
     pat = re.compile(rf"^#\+{key}:[ \t]*(.*?)[ \t]*$", re.I)
@@ -666,8 +690,11 @@ def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
     except typst.TypstError as e:
         text = "\n".join(filter(None, [e.diagnostic, *(getattr(e, "trace", None) or [])]))
         line, text = explain_typst(doc.path, source, text, head)
-        where = f" (the Typst source is {typ_path})" if typ_path else ""
-        raise TangleError(doc.path, line, f"Typst cannot typeset this: {e.message}{where}\n{text}") from None
+        if typ_path:
+            text = re.sub(r"\S*__typst_py_bytes__\.typ", str(typ_path), text)
+        raise TangleError(doc.path, line, f"Typst cannot typeset this: {e.message}\n"
+                          f"Typst says (about the source it was given, kept in {typ_path}):\n"
+                          f"{text.rstrip()}") from None
     for w in warnings or []:
         text = getattr(w, "diagnostic", None) or str(w)
         line, _ = explain_typst(doc.path, source, text, head)
@@ -675,22 +702,18 @@ def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
     return pdf
 
 
-def weave(org: Path, output: Path | None = None, keep_typst: bool = False) -> Path:
-    """llm.org -> PDF. Writes nothing unless everything succeeded."""
-    import pypandoc
-    org = Path(org)
-    doc = tangle.parse(org)
+def book_source(org: Path) -> tuple[Book, str]:
+    """The model of the book and the whole Typst source, in memory."""
+    doc = tangle.parse(Path(org))
     tangle.tangle_document(doc)         # the book must tangle: same errors, same lines
     book = book_model(doc)
     ast = read_org(doc, marked_source(doc))
-    seen = set()
+    shown = set()
 
     def find_ids(x):
         if isinstance(x, dict):
-            if x.get("t") == "CodeBlock":
-                kv = dict(x["c"][0][2])
-                if "weave-id" in kv:
-                    seen.add(f"blk-{kv['weave-id']}")
+            if x.get("t") == "CodeBlock" and (id_ := dict(x["c"][0][2]).get("weave-id")):
+                shown.add(f"blk-{id_}")
             for v in x.values():
                 find_ids(v)
         elif isinstance(x, list):
@@ -698,21 +721,25 @@ def weave(org: Path, output: Path | None = None, keep_typst: bool = False) -> Pa
                 find_ids(v)
     find_ids(ast["blocks"])
     for p in book.pieces:
-        p.visible = p.id in seen
+        p.visible = p.id in shown       # pandoc drops :exports none blocks
     rewriter = Rewriter(book, ast)
     ast["blocks"] = rewriter.run()
     for w in rewriter.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    body = pypandoc.convert_text(json.dumps(ast), "typst", format="json",
-                                 extra_args=["--wrap=none", "--quiet"])
-    source = typst_source(book, body)
+    return book, typst_source(book, write_typst(doc, ast))
+
+
+def weave(org: Path, output: Path | None = None, keep_typst: bool = False) -> Path:
+    """llm.org -> PDF. Writes no PDF unless everything succeeded, and never half of one."""
+    org = Path(org)
+    book, source = book_source(org)
     output = Path(output) if output else org.resolve().parent / "pdf" / f"{org.stem}.pdf"
     output.parent.mkdir(parents=True, exist_ok=True)
     typ_path = output.with_suffix(".typ")
     try:
         pdf = compile_pdf(book, source, typ_path)
     except TangleError:
-        tangle.atomic_write(typ_path, source.encode("utf-8"), 0o644)
+        tangle.atomic_write(typ_path, source.encode("utf-8"), 0o644)   # for the diagnostic
         raise
     if keep_typst:
         tangle.atomic_write(typ_path, source.encode("utf-8"), 0o644)
