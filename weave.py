@@ -25,6 +25,7 @@ import tangle
 from tangle import TangleError
 
 TEMPLATE = Path(__file__).resolve().parent / "pdf" / "book.typ"
+FONTS = TEMPLATE.parent / "fonts"       # CJK and emoji glyphs the wheel's fonts lack
 MARK = "/* {name}:{line} */"          # comments in the Typst source that name an Org line
 MARK_RE = re.compile(r"/\* [^:*]+:(\d+) \*/")
 
@@ -147,9 +148,12 @@ def pandoc(doc: tangle.Document, args: list[str], text: str) -> tuple[str, str]:
     if run.returncode != 0:
         m = re.search(r"line (\d+), column (\d+)\):\s*(.*)", err, re.S)
         if m:
+            line, col = int(m.group(1)), int(m.group(2))
             detail = " ".join(m.group(3).split("\n")[:2]).strip()
-            raise TangleError(doc.path, int(m.group(1)),
-                              f"pandoc cannot read column {m.group(2)}: {detail}")
+            source = text.split("\n")[line - 1] if line <= text.count("\n") + 1 else ""
+            if '\\"' in source:
+                detail += ' (pandoc reads \\" as a LaTeX accent: write a plain " in prose)'
+            raise TangleError(doc.path, line, f"pandoc cannot read column {col}: {detail}")
         raise TangleError(doc.path, None, f"pandoc failed: {err.strip()}")
     return out, err
 
@@ -578,17 +582,88 @@ class Rewriter:
 # 3. Typeset
 # ---------------------------------------------------------------------------
 
+# Symbol names pandoc 3.9 writes that the Typst of the `typst` wheel (0.15) no longer knows,
+# found by converting every math character of Unicode's math blocks and compiling the result.
+# Each becomes its character, which Typst takes as it is.
+TYPST_RENAMED = {
+    "sect": "\u2229", "sect.sq": "\u2293", "minus.circle": "\u2296", "times.circle": "\u2297",
+    "dot.circle": "\u2299", "eq.circle": "\u229c", "dash.circle": "\u229d",
+    "sect.big": "\u22c2", "sect.double": "\u22d2", "bracket.l.double": "\u27e6",
+    "bracket.r.double": "\u27e7", "shell.l.double": "\u27ec", "shell.r.double": "\u27ed",
+    "plus.circle.arrow": "\u27f4", "brace.l.double": "\u2983", "brace.r.double": "\u2984",
+    "paren.l.double": "\u2985", "paren.r.double": "\u2986", "angle.right.sq": "\u299c",
+    "angle.spheric.top": "\u29a1", "angle.oblique": "\u29a6", "bar.v.circle": "\u29b6",
+    "parallel.circle": "\u29b7", "backslash.circle": "\u29b8", "perp.circle": "\u29b9",
+    "lt.circle": "\u29c0", "gt.circle": "\u29c1", "dot.circle.big": "\u2a00",
+    "times.circle.big": "\u2a02", "sect.sq.big": "\u2a05", "integral.sect": "\u2a19",
+    "div.circle": "\u2a38", "sect.dot": "\u2a40", "sect.and": "\u2a44",
+    "sect.sq.double": "\u2a4e", "quote.angle.l.double": "\u00ab",
+    "quote.angle.r.double": "\u00bb",
+
+}
+SYMBOL_NAME = re.compile(r"(?<![\w.])[a-z]+(?:\.[a-z]+)*")
+
+
+def fix_math(typst_math: str) -> str:
+    """Replace outdated symbol names, outside the quoted strings of upright text."""
+    def repl(m):
+        parts = m.group(0).split(".")
+        for k in range(len(parts), 0, -1):
+            name = ".".join(parts[:k])
+            if name in TYPST_RENAMED:
+                return TYPST_RENAMED[name] + "".join("." + p for p in parts[k:])
+        return m.group(0)
+    pieces = re.split(r'("(?:\\.|[^"\\])*")', typst_math)
+    for k in range(0, len(pieces), 2):
+        pieces[k] = SYMBOL_NAME.sub(repl, pieces[k])
+    return "".join(pieces)
+
+
 def write_typst(doc: tangle.Document, ast: dict) -> str:
-    """Pandoc's Typst writer; TeX math it cannot convert is an error at its Org line."""
-    body, err = pandoc(doc, ["--from=json", "--to=typst", "--wrap=none"], json.dumps(ast))
+    """Pandoc's Typst writer, with every formula converted on its own and fixed up.
+
+    Each Math node is replaced by a placeholder, and its TeX goes to a paragraph of its
+    own after the book, so one pandoc run converts both and each formula comes back
+    alone. TeX that pandoc cannot convert is an error at its Org line (pandoc would print
+    the TeX source into the book and only warn).
+    """
+    nodes = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if x.get("t") == "Math":
+                nodes.append(dict(x))
+                x.clear()
+                x.update(t="RawInline", c=["typst", f"WEAVE-MATH-{len(nodes) - 1}."])
+            else:
+                walk(x.get("c"))
+        elif isinstance(x, list):
+            for y in x:
+                walk(y)
+    walk(ast["blocks"])
+    tail = [el("Para", [el("Str", "WEAVE-MATHS-FOLLOW")])]
+    for k, n in enumerate(nodes):
+        tail += [el("Para", [el("Str", f"WEAVE-MATH-{k}")]),
+                 el("Para", [el("Math", [el("InlineMath"), n["c"][1]])])]
+    ast = dict(ast, blocks=ast["blocks"] + tail)
+    out, err = pandoc(doc, ["--from=json", "--to=typst", "--wrap=none"], json.dumps(ast))
     for m in re.finditer(r"Could not convert TeX math (.*?), rendering as TeX:\n(.*?)(?=\n\S|\Z)",
                          err, re.S):
         tex = m.group(1).strip()
-        line = next((k + 1 for k, s in enumerate(doc.lines) if tex.split("\n")[0] in s), None)
+        line = next((k + 1 for k, s in enumerate(doc.lines) if tex.split("\n")[0].strip() in s), None)
         why = m.group(2).strip().split("\n")
         reason = why[2].strip() if len(why) > 2 else ""
         raise TangleError(doc.path, line, f"pandoc cannot turn this math into Typst: {tex} ({reason})")
-    return body
+    body, _, maths = out.partition("WEAVE-MATHS-FOLLOW")
+    pieces = re.split(r"^WEAVE-MATH-(\d+)[ \t]*$", maths, flags=re.M)
+    typst_math = {}
+    for k in range(1, len(pieces), 2):
+        text = pieces[k + 1].strip()
+        assert text.startswith("$") and text.endswith("$"), text
+        inner = fix_math(text[1:-1])
+        display = nodes[int(pieces[k])]["c"][0]["t"] == "DisplayMath"
+        typst_math[pieces[k]] = f"$ {inner.strip()} $" if display else f"${inner}$"
+    return re.sub(r"WEAVE-MATH-(\d+)\.", lambda m: typst_math[m.group(1)], body)
 
 
 def org_keyword(doc: tangle.Document, key: str) -> str | None:
@@ -613,7 +688,8 @@ def org_options(doc: tangle.Document) -> dict[str, str]:
 def index_source(book: Book) -> str:
     """The chunk index and the list of files, as Typst."""
     out = ["", "#heading(level: 2, numbering: none)[Index of chunks]", "",
-           "Each chunk: the pages where it is defined, then the pages of the blocks that use it.", ""]
+           "Each chunk: the pages where it is defined, then the pages of the blocks that use it.", "",
+           "#columns(2, gutter: 1.5em)["]
     for name in sorted(book.chunks, key=lambda n: display_name(n).casefold()):
         shown = book.shown(book.chunks[name])
         if not shown:
@@ -628,7 +704,7 @@ def index_source(book: Book) -> str:
             parts.append("[not used]")
         out.append(f"#index-entry(chunk-name({typ_str(display_name(name))}, dest: {typ_str(first.id)}), "
                    f"{', '.join(parts)})")
-    out += ["", "#heading(level: 2, numbering: none)[Files the book builds]", "",
+    out += ["]", "", "#heading(level: 2, numbering: none)[Files the book builds]", "",
             "Each file: the pages of its blocks, in the order they are written to it.", ""]
     for target in sorted(book.files):
         shown = book.shown(book.files[target])
@@ -679,6 +755,32 @@ def explain_typst(org: Path, source: str, text: str, head: int) -> tuple[int | N
     return None, text
 
 
+def missing_glyphs(doc: tangle.Document) -> list[str]:
+    """Warnings for CJK ideographs and emoji that no font of the book has (see pdf/fonts)."""
+    try:
+        from fontTools.ttLib import TTFont
+    except ImportError:
+        return []
+    sys.path.insert(0, str(FONTS))
+    try:
+        from subset import is_cjk, is_emoji
+    finally:
+        sys.path.remove(str(FONTS))
+    have: set[int] = set()
+    for f in sorted(FONTS.glob("*.[ot]tf")):
+        have |= set(TTFont(f, lazy=True).getBestCmap())
+    out, seen = [], set()
+    for k, line in enumerate(doc.lines):
+        for ch in line:
+            cp = ord(ch)
+            if cp > 0x2E7F and cp not in have and cp not in seen and cp not in (0x200D, 0xFE0F) \
+                    and (is_cjk(cp) or is_emoji(cp)):
+                seen.add(cp)
+                out.append(f"{doc.path.name}:{k + 1}: no font of the book has {ch} (U+{cp:04X}); "
+                           "run pdf/fonts/subset.py (see its docstring)")
+    return out
+
+
 def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
     import typst
     doc = book.doc
@@ -686,7 +788,7 @@ def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
     try:
         pdf, warnings = typst.compile_with_warnings(
             source.encode("utf-8"), root=str(doc.path.resolve().parent),
-            ignore_system_fonts=True, timestamp=0)
+            font_paths=[str(FONTS)], ignore_system_fonts=True, timestamp=0)
     except typst.TypstError as e:
         text = "\n".join(filter(None, [e.diagnostic, *(getattr(e, "trace", None) or [])]))
         line, text = explain_typst(doc.path, source, text, head)
@@ -724,7 +826,7 @@ def book_source(org: Path) -> tuple[Book, str]:
         p.visible = p.id in shown       # pandoc drops :exports none blocks
     rewriter = Rewriter(book, ast)
     ast["blocks"] = rewriter.run()
-    for w in rewriter.warnings:
+    for w in rewriter.warnings + missing_glyphs(book.doc):
         print(f"warning: {w}", file=sys.stderr)
     return book, typst_source(book, write_typst(doc, ast))
 

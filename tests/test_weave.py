@@ -37,6 +37,13 @@ def fixture_book(tmp_path_factory):
     return out, out.with_suffix(".typ").read_text(), pdf_text(out)
 
 
+def test_fonts_cover_the_fixture():
+    assert weave.missing_glyphs(tangle.parse(FIXTURE)) == []
+    doc = tangle.parse(FIXTURE, FIXTURE.read_text() + "\n字\n")
+    assert [w.split(" (")[0] for w in weave.missing_glyphs(doc)] == [
+        f"book.org:{len(doc.lines) - 1}: no font of the book has 字"]
+
+
 def test_fixture_pdf_has_every_chapter_and_chunk(fixture_book):
     pdf, _, text = fixture_book
     assert pdf.read_bytes().startswith(b"%PDF-")
@@ -51,6 +58,7 @@ def test_fixture_pdf_has_every_chapter_and_chunk(fixture_book):
         assert label in text
     # Hidden blocks and COMMENT subtrees stay out of the book.
     assert "HIDDEN_CONSTANT" not in text and "DRAFT" not in text
+    assert "漢 and 😀" in text
 
 
 def piece(book: weave.Book, first_line: str) -> weave.Piece:
