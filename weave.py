@@ -213,6 +213,20 @@ def stringify(x) -> str:
     return ""
 
 
+def strip_tags(title: str) -> str:
+    """An Org heading's title without its :tags: and [#A] priority cookie."""
+    title = re.sub(r"[ \t]+:[\w@#%:]+:[ \t]*$", "", title)
+    return re.sub(r"^\[#.\][ \t]+", "", title)
+
+
+def untagged(inlines: list) -> list:
+    """A heading's inlines without pandoc's spans for Org :tags: (the book does not print them)."""
+    out = [x for x in inlines if not (x.get("t") == "Span" and "tag" in x["c"][0][1])]
+    while out and out[-1].get("t") in ("Space", "SoftBreak"):
+        out.pop()
+    return out
+
+
 def norm_title(s: str) -> str:
     return re.sub(r"[^0-9a-z]+", "", s.lower())
 
@@ -280,6 +294,7 @@ class Rewriter:
             elif isinstance(x, dict):
                 t, c = x.get("t"), x.get("c")
                 if t == "Header":
+                    c[2] = untagged(c[2])
                     self.heading_ids.setdefault(norm_title(stringify(c[2])), (c[1][0], c[2]))
                 elif t == "Figure" and c[0][0]:
                     self.floats[c[0][0]] = "figure"
@@ -312,8 +327,9 @@ class Rewriter:
             # The tangle heading this is (pandoc skips COMMENT subtrees, as tangle does).
             h = None
             for j in range(heading_k, len(self.headings)):
-                if self.headings[j].level == level and norm_title(self.headings[j].title) == norm_title(title):
-                    h, heading_k = self.headings[j], j + 1
+                hj = self.headings[j]
+                if hj.level == level and norm_title(strip_tags(hj.title)) == norm_title(title):
+                    h, heading_k = hj, j + 1
                     break
             line = h.line if h else self.advance(title)
             self.cursor = max(self.cursor, line)
@@ -371,6 +387,14 @@ class Rewriter:
             return [el(t, [c[0], c[1], self.inlines(c[2])])]
         if t == "Figure":
             return [self.figure(x)]
+        if t == "Div" and "captioned-content" in c[0][1]:
+            # #+CAPTION on a source block: the caption in small italics, then the block.
+            caption = [b for b in c[1] if b["t"] == "Div" and "caption" in b["c"][0][1]]
+            rest = [b for b in c[1] if b not in caption]
+            text = [i for b in caption for p in b["c"][1] for i in p.get("c", []) if p["t"] in ("Para", "Plain")]
+            head = [el("Plain", [typ("#block(below: 0em, sticky: true, small-note(emph[")]
+                        + self.inlines(text) + [typ("]))")])] if text else []
+            return head + self.blocks(rest)
         if t == "Div":
             return [el(t, [c[0], self.blocks(c[1])])]
         if t == "BlockQuote":
@@ -394,6 +418,18 @@ class Rewriter:
         def cells(rows):
             return [[r[0], [[cell[0], cell[1], cell[2], cell[3], self.blocks(cell[4])]
                             for cell in r[1]]] for r in rows]
+        # Org aligns a column right when most of its cells are numbers, else left.
+        number = re.compile(r"^[-+]?[\d.,_]+(e[-+]?\d+)?%?$|^$", re.I)
+        rows = [r for b in bodies for r in b[3]]
+        specs = []
+        for k, (align, width) in enumerate(colspecs):
+            if align["t"] == "AlignDefault":
+                texts = [stringify(r[1][k][4]).strip() for r in rows if k < len(r[1])]
+                numeric = sum(1 for t in texts if t and number.match(t))
+                align = el("AlignRight" if texts and numeric * 2 >= len([t for t in texts if t])
+                           and numeric else "AlignLeft")
+            specs.append([align, width])
+        colspecs = specs
         caption = [caption[0], self.blocks(caption[1])]
         head = [head[0], cells(head[1])]
         bodies = [[b[0], b[1], cells(b[2]), cells(b[3])] for b in bodies]
@@ -482,6 +518,12 @@ class Rewriter:
         if t == "Span":
             return [el(t, [c[0], self.inlines(c[1])])]
         if t == "Link":
+            url = c[2][0]
+            if url.startswith("#") and stringify(c[1]).strip() in ("", url):
+                # [[#custom-id]] without a description: show what it points to.
+                title = next((inl for ident, inl in self.heading_ids.values() if ident == url[1:]), None)
+                if title is not None:
+                    return [el(t, [c[0], [el("Emph", self.inlines(title))], c[2]])]
             return [el(t, [c[0], self.inlines(c[1]), c[2]])]
         if t == "Quoted":
             return [el(t, [c[0], self.inlines(c[1])])]
