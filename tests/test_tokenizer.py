@@ -275,3 +275,13 @@ def test_bpe_needs_every_byte():
     ranks = {bytes([b]): b for b in range(255)}
     with pytest.raises(ValueError, match="lacks 1 of the 256 bytes"):
         BPETokenizer(ranks)
+
+
+def test_encoding_by_rank_replays_the_merges_in_training_order():
+    """What the chapter claims: merging lowest ranks first = applying the merges in order."""
+    tok = BPETokenizer.train(BOOK[:50000], 420)
+    for piece in tk.pretoken_counts(BOOK[:50000] + multilingual(100, seed=7), GPT2_PATTERN):
+        word = tuple(piece.encode("utf-8"))
+        for new_id, pair in enumerate(tok.merges, start=256):
+            word = tk.merge_pair(word, pair, new_id)
+        assert tok.encode_ordinary(piece) == list(word), piece
