@@ -254,6 +254,7 @@ class Rewriter:
         self.floats: dict[str, str] = {}          # #+name of figures and tables -> kind
         self.equations: set[str] = set()
         self.warnings: list[str] = []
+        self.dollar_lines: set[int | None] = set()   # lines already warned of a stray $
 
     # -- helpers ------------------------------------------------------------
     def mark(self, line: int | None = None) -> str:
@@ -498,9 +499,23 @@ class Rewriter:
     # -- inlines --------------------------------------------------------------
     def inlines(self, xs: list) -> list:
         out = []
-        for x in xs:
+        for k, x in enumerate(xs):
+            if x.get("t") == "Str" and "$" in x["c"] and x["c"].strip() != "$":
+                self.stray_dollar(xs[k:k + 6])    # (a lone "$" closes one already reported)
             out += self.inline(x)
         return out
+
+    def stray_dollar(self, xs: list) -> None:
+        """Warn about a $ that is not math: `$x $` or `$ x$` are plain text in Org."""
+        flat = [" ".join(s.split()) for s in self.lines]
+        context, lines = stringify(xs), []
+        while len(context) >= len(xs[0]["c"]) and not lines:
+            lines = [k + 1 for k, s in enumerate(flat) if context in s]
+            context = context[:-1]
+        line = next((n for n in lines if n not in self.dollar_lines), lines[0] if lines else None)
+        self.dollar_lines.add(line)
+        self.warnings.append(f"{self.name}:{line or '?'}: a $ that is not math: {xs[0]['c']!r} "
+                             "(Org reads $x$ only with no space just inside the dollars)")
 
     def inline(self, x: dict) -> list:
         t, c = x["t"], x.get("c")
