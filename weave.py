@@ -108,7 +108,8 @@ def book_model(doc: tangle.Document) -> Book:
         if p.target:
             lang_rank.setdefault(p.block.lang, len(lang_rank))
     files: dict[str, list[Piece]] = {}
-    for p in sorted((p for p in pieces if p.target), key=lambda p: (lang_rank[p.block.lang], p.block.line)):
+    in_files = [p for p in pieces if p.target]
+    for p in sorted(in_files, key=lambda p: (lang_rank[p.block.lang], p.block.line)):
         files.setdefault(p.target, []).append(p)
     users: dict[str, list[Piece]] = {}
     for p in pieces:
@@ -283,8 +284,7 @@ class Rewriter:
     # -- the pass -------------------------------------------------------------
     def run(self) -> list:
         self.collect(self.ast["blocks"])
-        out = self.sections(self.ast["blocks"])
-        return out
+        return self.sections(self.ast["blocks"])
 
     def collect(self, blocks) -> None:
         """Names that links can point at: headings, figures, tables, equation labels."""
@@ -352,9 +352,7 @@ class Rewriter:
                 new_level, numbered = 1, False
             else:
                 if level == 1:
-                    demote = 1
-                    if in_main and not unnumbered:
-                        pass
+                    demote = 1      # the Preface: a chapter, its sections one level down
                 new_level = level + demote
                 if unnumbered and unnumbered_from is None:
                     unnumbered_from = level
@@ -392,7 +390,7 @@ class Rewriter:
             # #+CAPTION on a source block: the caption in small italics, then the block.
             caption = [b for b in c[1] if b["t"] == "Div" and "caption" in b["c"][0][1]]
             rest = [b for b in c[1] if b not in caption]
-            text = [i for b in caption for p in b["c"][1] for i in p.get("c", []) if p["t"] in ("Para", "Plain")]
+            text = [i for b in caption for p in b["c"][1] if p["t"] in ("Para", "Plain") for i in p["c"]]
             head = [el("Plain", [typ("#block(below: 0em, sticky: true, small-note(emph[")]
                         + self.inlines(text) + [typ("]))")])] if text else []
             return head + self.blocks(rest)
@@ -414,28 +412,26 @@ class Rewriter:
 
     def table(self, x: dict) -> dict:
         attr, caption, colspecs, head, bodies, foot = x["c"]
-        line = self.advance("|")
+        self.advance("|")
 
         def cells(rows):
             return [[r[0], [[cell[0], cell[1], cell[2], cell[3], self.blocks(cell[4])]
                             for cell in r[1]]] for r in rows]
-        # Org aligns a column right when most of its cells are numbers, else left.
-        number = re.compile(r"^[-+]?[\d.,_]+(e[-+]?\d+)?%?$|^$", re.I)
+        # Org aligns a column right when most of its filled cells are numbers, else left.
+        number = re.compile(r"^[-+]?[\d.,_]+(e[-+]?\d+)?%?$", re.I)
         rows = [r for b in bodies for r in b[3]]
         specs = []
         for k, (align, width) in enumerate(colspecs):
             if align["t"] == "AlignDefault":
-                texts = [stringify(r[1][k][4]).strip() for r in rows if k < len(r[1])]
-                numeric = sum(1 for t in texts if t and number.match(t))
-                align = el("AlignRight" if texts and numeric * 2 >= len([t for t in texts if t])
-                           and numeric else "AlignLeft")
+                filled = [t for r in rows if k < len(r[1]) and (t := stringify(r[1][k][4]).strip())]
+                numeric = [t for t in filled if number.match(t)]
+                align = el("AlignRight" if numeric and 2 * len(numeric) >= len(filled) else "AlignLeft")
             specs.append([align, width])
         colspecs = specs
         caption = [caption[0], self.blocks(caption[1])]
         head = [head[0], cells(head[1])]
         bodies = [[b[0], b[1], cells(b[2]), cells(b[3])] for b in bodies]
         foot = [foot[0], cells(foot[1])]
-        del line
         return el("Table", [attr, caption, colspecs, head, bodies, foot])
 
     def figure(self, x: dict) -> dict:
@@ -447,13 +443,14 @@ class Rewriter:
                 a = b["c"][0]
                 b = el("Image", [[a[0], a[1], a[2] + moved], b["c"][1], b["c"][2]])
             return b
-        body = [el(b["t"], [size(i) for i in b["c"]]) if b.get("t") in ("Plain", "Para") else b for b in body]
+        body = [el(b["t"], [size(i) for i in b["c"]]) if b.get("t") in ("Plain", "Para") else b
+                for b in body]
         attr = [attr[0], attr[1], [kv for kv in attr[2] if kv not in moved]]
         return el("Figure", [attr, [caption[0], self.blocks(caption[1])], self.blocks(body)])
 
     # -- code -----------------------------------------------------------------
     def code(self, x: dict) -> list:
-        (ident, classes, kvs), text = x["c"]
+        (_, classes, kvs), text = x["c"]
         kv = dict(kvs)
         if "weave-id" not in kv:
             return [x]          # an example block or results: plain verbatim text
@@ -581,7 +578,8 @@ class Rewriter:
                                      "(all its blocks are :exports none)")
                 if desc:
                     return [mark, el("Link", [["", [], []], desc, ["#" + p.id, ""]])]
-                return [mark, typ(f"#chunk-name({typ_str(display_name(target))}, dest: {typ_str(p.id)})")]
+                name = typ_str(display_name(target))
+                return [mark, typ(f"#chunk-name({name}, dest: {typ_str(p.id)})")]
             if target in self.floats or target in self.equations:
                 if desc:
                     return [mark, el("Link", [["", [], []], desc, ["#" + target, ""]])]
@@ -591,7 +589,8 @@ class Rewriter:
             ident, inlines = hit
             body = desc or [el("Emph", self.inlines(inlines))]
             return [mark, el("Link", [["", [], []], body, ["#" + ident, ""]])]
-        what = "no heading titled" if target.startswith("*") else "no chunk, figure, table or heading named"
+        what = ("no heading titled" if target.startswith("*")
+                else "no chunk, figure, table or heading named")
         # Org's export stops on a broken link unless #+OPTIONS: broken-links:t or :mark.
         broken = org_options(self.doc).get("broken-links", "nil")
         if broken == "mark":
