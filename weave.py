@@ -359,6 +359,9 @@ class Rewriter:
                 numbered = unnumbered_from is None and new_level <= 4
             if not numbered:
                 classes.append("unnumbered")
+            elif not in_main:       # a book without parts: page 1 is the first chapter's
+                out.append(typ_block("#show: mainmatter"))
+                in_main = True
             out.append(typ_block(self.mark(line)))
             out.append(el("Header", [new_level, [attr[0], classes, []], self.inlines(inlines)]))
         return out
@@ -742,32 +745,29 @@ def org_options(doc: tangle.Document) -> dict[str, str]:
 
 
 def index_source(book: Book) -> str:
-    """The chunk index and the list of files, as Typst."""
-    out = ["", "#heading(level: 2, numbering: none)[Index of chunks]", "",
-           "Each chunk: the pages where it is defined, then the pages of the blocks that use it.", "",
-           "#columns(2, gutter: 1.5em)["]
+    """The chunk index and the list of files, as Typst (each only if it has entries)."""
+    def ids(pieces: list[Piece]) -> str:
+        return ", ".join(typ_str(p.id) for p in pieces) + ","
+
+    chunks = []
     for name in sorted(book.chunks, key=lambda n: display_name(n).casefold()):
         shown = book.shown(book.chunks[name])
         if not shown:
             continue
-        first = shown[0]
-        defined = ", ".join(typ_str(p.id) for p in shown)
         users = [u for u in book.users.get(name, []) if u.visible]
-        parts = [f"[defined #pages-of(({defined},))]"]
-        if users:
-            parts.append(f"[used #pages-of(({', '.join(typ_str(u.id) for u in users)},))]")
-        else:
-            parts.append("[not used]")
-        out.append(f"#index-entry(chunk-name({typ_str(display_name(name))}, dest: {typ_str(first.id)}), "
-                   f"{', '.join(parts)})")
-    out += ["]", "", "#heading(level: 2, numbering: none)[Files the book builds]", "",
-            "Each file: the pages of its blocks, in the order they are written to it.", ""]
-    for target in sorted(book.files):
-        shown = book.shown(book.files[target])
-        if not shown:
-            continue
-        ids = ", ".join(typ_str(p.id) for p in shown)
-        out.append(f"#index-entry(raw({typ_str(target)}), [#pages-of(({ids},))])")
+        used = f"[used #pages-of(({ids(users)}))]" if users else "[not used]"
+        chunks.append(f"#index-entry(chunk-name({typ_str(display_name(name))}, "
+                      f"dest: {typ_str(shown[0].id)}), [defined #pages-of(({ids(shown)}))], {used})")
+    files = [f"#index-entry(raw({typ_str(target)}), [#pages-of(({ids(book.shown(pieces))}))])"
+             for target, pieces in sorted(book.files.items()) if book.shown(pieces)]
+    out = []
+    if chunks:
+        out += ["", "#heading(level: 2, numbering: none)[Index of chunks]", "",
+                "Each chunk: the pages where it is defined, then the pages of the blocks that use it.",
+                "", "#columns(2, gutter: 1.5em)[", *chunks, "]"]
+    if files:
+        out += ["", "#heading(level: 2, numbering: none)[Files the book builds]", "",
+                "Each file: the pages of its blocks, in the order they are written to it.", "", *files]
     return "\n".join(out) + "\n"
 
 
