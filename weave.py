@@ -586,7 +586,8 @@ class Rewriter:
             if target in self.floats or target in self.equations:
                 if desc:
                     return [mark, el("Link", [["", [], []], desc, ["#" + target, ""]])]
-                return [mark, typ(f"#ref(label({typ_str(target)}))")]
+                # As Org exports it: the number alone ("Table [[tab-x]]" -> "Table 2").
+                return [mark, typ(f"#ref(label({typ_str(target)}), supplement: none)")]
         hit = self.heading_ids.get(norm_title(name))
         if hit:
             ident, inlines = hit
@@ -722,7 +723,9 @@ def write_typst(doc: tangle.Document, ast: dict) -> str:
         inner = fix_math(text[1:-1])
         display = nodes[int(pieces[k])]["c"][0]["t"] == "DisplayMath"
         typst_math[pieces[k]] = f"$ {inner.strip()} $" if display else f"${inner}$"
-    return re.sub(r"WEAVE-MATH-(\d+)\.", lambda m: typst_math[m.group(1)], body)
+    body = re.sub(r"WEAVE-MATH-(\d+)\.", lambda m: typst_math[m.group(1)], body)
+    # The writer puts figure captions on lines of their own: the newlines would print as spaces.
+    return re.sub(r"caption: \[\n\s*(.*?)\n\s*\]", r"caption: [\1]", body)
 
 
 def org_keyword(doc: tangle.Document, key: str) -> str | None:

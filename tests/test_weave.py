@@ -54,7 +54,8 @@ def test_fixture_pdf_has_every_chapter_and_chunk(fixture_book):
         assert f"⟨{name}⟩" in text
     # Numbering: chapters, sections, appendices, equations, table and figure.
     for label in ["Chapter 1", "Chapter 2", "1.1 The skeleton", "Appendix A", "(1.1)",
-                  "Table 1", "Figure 1", "→ build/fixture/count.py"]:
+                  "Table 1 counts", "figure 1 draws", "Table 1:", "Figure 1:",
+                  "→ build/fixture/count.py"]:
         assert label in text
     # Hidden blocks and COMMENT subtrees stay out of the book.
     assert "HIDDEN_CONSTANT" not in text and "DRAFT" not in text
@@ -98,7 +99,7 @@ def test_cross_references_in_the_typst_source(fixture_book):
     # References inside code link to the definitions (whole lines and mid-line ones).
     assert '"count-loop": "' + loop + '"' in source and "noweb: chunk-targets" in chunks[mean]
     # Org links became real links; the index lists every chunk and file.
-    assert "#link(<counting-things>)" in source and "#ref(label(\"fig-curve\"))" in source
+    assert "#link(<counting-things>)" in source and "#ref(label(\"fig-curve\"), supplement: none)" in source
     assert source.count("#index-entry(chunk-name(") == 3
     assert source.count("#index-entry(raw(") == 2
 
