@@ -50,11 +50,8 @@ class Book:
     doc: tangle.Document
     pieces: list[Piece]                   # every live block, in document order
     chunks: dict[str, list[Piece]]        # chunk name -> its blocks, in document order
-    files: dict[str, list[Piece]]         # target -> its blocks, in tangle order
+    files: dict[str, list[Piece]]         # target -> its blocks, in document order
     users: dict[str, list[Piece]] = field(default_factory=dict)  # chunk -> blocks using it
-
-    def by_id(self, id_: str) -> Piece:
-        return next(p for p in self.pieces if p.id == id_)
 
     def shown(self, pieces: list[Piece]) -> list[Piece]:
         return [p for p in pieces if p.visible]
@@ -102,15 +99,11 @@ def book_model(doc: tangle.Document) -> Book:
             chunks[p.block.name] = [p]
         if ref := p.block.params.get("noweb-ref"):
             chunks.setdefault(ref, []).append(p)
-    # Files collect their blocks as org-babel-tangle does: by language, then in order.
-    lang_rank: dict[str, int] = {}
+    # Files collect their blocks in document order, whatever the language (as tangle_document).
+    files: dict[str, list[Piece]] = {}
     for p in pieces:
         if p.target:
-            lang_rank.setdefault(p.block.lang, len(lang_rank))
-    files: dict[str, list[Piece]] = {}
-    in_files = [p for p in pieces if p.target]
-    for p in sorted(in_files, key=lambda p: (lang_rank[p.block.lang], p.block.line)):
-        files.setdefault(p.target, []).append(p)
+            files.setdefault(p.target, []).append(p)
     users: dict[str, list[Piece]] = {}
     for p in pieces:
         for name in p.refs:

@@ -82,6 +82,17 @@ def test_cross_references_follow_tangles_model():
     assert loop.chunk == "count-loop" and loop.target is None
 
 
+def test_files_list_their_blocks_in_tangles_order():
+    book = model(FIXTURE)
+    outputs = tangle.tangle_document(tangle.parse(FIXTURE))
+    assert sorted(outputs) == sorted(book.files)
+    for target, out in outputs.items():
+        own = [p.block for p in book.files[target]]
+        # Each tangled line's block, if it is one of the file's own (not a chunk pasted in).
+        order = [b.line for line in out.lines for b in own if b.line < line.org_line < b.end_line]
+        assert list(dict.fromkeys(order)) == [b.line for b in own]
+
+
 def test_cross_references_in_the_typst_source(fixture_book):
     _, source, _ = fixture_book
     chunks = {m.group(1): m.group(0) for m in re.finditer(r"<(blk-\d+)>\n#chunk\(.*", source)}
