@@ -176,7 +176,9 @@ def staleness(res: Results, s: Spec, record: dict) -> str | None:
     if record.get("code") != now["code"]:
         return "its code changed since it was recorded"
     old = record.get("inputs", {})
-    changed = [p for p in sorted(set(old) | set(now["inputs"])) if old.get(p) != now["inputs"].get(p)]
+    # An input missing here (a run under the git-ignored runs/) cannot be checked: not stale.
+    changed = [p for p in sorted(set(old) | set(now["inputs"]))
+               if now["inputs"].get(p) is not None and old.get(p) != now["inputs"][p]]
     if changed:
         return "changed since it was recorded: " + ", ".join(changed)
     for f, digest in record.get("files", {}).items():

@@ -98,6 +98,14 @@ def test_a_changed_input_marks_a_frozen_result_stale(book, tmp_path):
     assert "r-frozen is stale (changed since it was recorded: build/fixture/squares.py)" in res.warnings[0]
 
 
+def test_a_missing_input_is_taken_on_trust(book, tmp_path):
+    org = edited(book, tmp_path, ":inputs build/fixture/squares.py", ":inputs build/fixture/squares.py runs/x.json")
+    record = json.loads((org.parent / "pdf/results/r-frozen.json").read_text())
+    record["inputs"]["runs/x.json"] = "0" * 64          # recorded where the run existed
+    (org.parent / "pdf/results/r-frozen.json").write_text(json.dumps(record))
+    assert results.load(doc_of(org)).warnings == []
+
+
 def test_an_unrecorded_frozen_result_is_named(tmp_path):
     org = tmp_path / "book.org"
     shutil.copy(FIXTURE, org)
