@@ -2,6 +2,7 @@
 #   make pdf     the book (pdf/llm.pdf)
 #   make test    tangle llm.org into build/ and test it
 #   make results recompute the book's frozen results (pdf/results/)
+#   make bench   measure this machine's speed; the Speed chapter reads pdf/results/bench.*
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf results check clean
+.PHONY: help setup tangle test pdf results bench check clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,6 +33,9 @@ pdf: $(STAMP) ## weave llm.org into the book, pdf/llm.pdf
 
 results: $(STAMP) ## recompute the frozen results under pdf/results/ (NAMES="a b" for some)
 	$(PY) results.py $(ORG) $(NAMES)
+
+bench: tangle ## measure speed: peaks, tokens/s and MFU, profile, fast paths (pdf/results/bench.*)
+	PYTHONPATH=build $(PY) -m llm bench model --switch-threads 1 --json pdf/results/bench.json --plot pdf/results/bench.png
 
 test: tangle ## tangle, then run the whole test suite
 	$(PY) -m pytest -q tests
