@@ -221,6 +221,18 @@ def test_trained_bigram_reaches_counting_loss(chain):
         assert abs(bigram.bigram_loss(learned, split) - bigram.bigram_loss(counted, split)) < 0.01
 
 
+def test_adam_reaches_counting_loss_too(chain):
+    train, val, _, _ = chain
+    counts = bigram.bigram_counts(train, 8)
+    counted = bigram.bigram_log_probs(counts, alpha=0.1)
+    model = bigram.Bigram(8)
+    bigram.train_bigram(model, counts + 0.1, steps=150, lr=0.3, optimizer="adam")
+    learned = bigram.log_softmax(model.table.weight.detach())
+    assert abs(bigram.bigram_loss(learned, val) - bigram.bigram_loss(counted, val)) < 0.01
+    with pytest.raises(ValueError, match="'sgd'"):
+        bigram.train_bigram(model, counts, steps=1, lr=1.0, optimizer="sgd")
+
+
 def test_train_bigram_zeroes_gradients_between_steps():
     """Two steps from the same start must equal one step repeated: no stale gradient left over."""
     counts = torch.tensor([[5.0, 1.0], [2.0, 7.0]])
@@ -248,3 +260,25 @@ def test_sample_is_reproducible_and_has_the_table_statistics(chain):
     assert one == two
     refit = bigram.bigram_log_probs(bigram.bigram_counts(np.array(one), 8), alpha=0.1)
     assert (refit.exp() - log_probs.exp()).abs().max() < 0.05     # counting the sample gives the table back
+
+
+# --- The command --------------------------------------------------------------------------
+
+def test_bigram_command(tmp_path, capsys):
+    """`python -m llm bigram` on a small character corpus: losses, bits per byte, a sample."""
+    from llm import data
+    from llm.__main__ import main
+    text = "".join(f"the {w} sat on the mat.\n" for w in ("cat", "dog", "rat", "bat") * 40)
+    out = tmp_path / "tiny"
+    meta = data.prepare(out, [("tiny.txt", text)], "tiny.txt", tokenizer="char", progress=False)
+    assert main(["bigram", "--data", str(out), "--steps", "60", "--sample", "30"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    uniform, counted, learned = (next(l for l in lines if l.startswith(k))
+                                 for k in ("uniform", "counted", "learned"))
+    V = meta["vocab_size"]
+    assert f"val {math.log(V):.4f} nats" in uniform
+    val = {name: float(line.split("val ")[1].split()[0]) for name, line in
+           (("counted", counted), ("learned", learned))}
+    assert val["counted"] < math.log(V) / 2
+    assert abs(val["learned"] - val["counted"]) < 0.05
+    assert lines[-1]                              # the sample was decoded and printed
