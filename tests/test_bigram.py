@@ -281,4 +281,13 @@ def test_bigram_command(tmp_path, capsys):
            (("counted", counted), ("learned", learned))}
     assert val["counted"] < math.log(V) / 2
     assert abs(val["learned"] - val["counted"]) < 0.05
+    assert any(l.startswith("compressors, val after train: gzip") for l in lines)
     assert lines[-1]                              # the sample was decoded and printed
+
+
+def test_compressor_bits_per_byte_charges_only_the_new_text():
+    text = b"to be or not to be, that is the question\n" * 50
+    bpb = bigram.compressor_bits_per_byte(text, text)          # seen before: almost free
+    fresh = bigram.compressor_bits_per_byte(b"", text)
+    assert set(bpb) == {"gzip", "bzip2", "xz"}
+    assert all(bpb[k] < fresh[k] for k in bpb) and bpb["xz"] < 0.1
