@@ -1,6 +1,7 @@
 # The book and its code come from llm.org. Edit llm.org, then:
 #   make pdf     the book (pdf/llm.pdf)
 #   make test    tangle llm.org into build/ and test it
+#   make results recompute the book's frozen results (pdf/results/)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf check clean
+.PHONY: help setup tangle test pdf results check clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +29,9 @@ tangle: $(STAMP) ## write build/ from llm.org
 
 pdf: $(STAMP) ## weave llm.org into the book, pdf/llm.pdf
 	$(PY) tangle.py weave $(ORG)
+
+results: $(STAMP) ## recompute the frozen results under pdf/results/ (NAMES="a b" for some)
+	$(PY) results.py $(ORG) $(NAMES)
 
 test: tangle ## tangle, then run the whole test suite
 	$(PY) -m pytest -q tests

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import results
 import tangle
 from tangle import TangleError
 
@@ -236,8 +237,9 @@ BLOCK_TYPES = {"Plain", "Para", "LineBlock", "CodeBlock", "RawBlock", "BlockQuot
 class Rewriter:
     """One pass over pandoc's AST that makes it a book."""
 
-    def __init__(self, book: Book, ast: dict):
+    def __init__(self, book: Book, ast: dict, res: results.Results | None = None):
         self.book, self.doc, self.ast = book, book.doc, ast
+        self.results = res or results.Results(book.doc, {})
         self.lines = self.doc.lines
         self.name = self.doc.path.name
         self.root = self.doc.path.resolve().parent
@@ -377,6 +379,8 @@ class Rewriter:
                 return []       # #+PROPERTY lines, #+STARTUP and the like
             return [x]
         if t in ("Para", "Plain"):
+            if placed := self.placed_result(c):
+                return placed
             return [el(t, self.inlines(c))]
         if t == "Header":
             return [el(t, [c[0], c[1], self.inlines(c[2])])]
@@ -525,6 +529,8 @@ class Rewriter:
             return [el(t, self.inlines(c))]
         if t == "Span":
             return [el(t, [c[0], self.inlines(c[1])])]
+        if t == "Link" and c[2][0].startswith("result:"):
+            return self.result_link(c[2][0][len("result:"):], c[1])
         if t == "Link":
             url = c[2][0]
             if url.startswith("#") and stringify(c[1]).strip() in ("", url):
@@ -540,6 +546,58 @@ class Rewriter:
         if t == "Cite":
             return [el(t, [c[0], self.inlines(c[1])])]
         return [x]
+
+    # -- results --------------------------------------------------------------
+    def result_value(self, ref: str):
+        line = self.find_line(f"[[result:{ref}]")
+        if line:
+            self.cursor = max(self.cursor, line)
+        try:
+            return line, results.lookup(self.results, ref)
+        except KeyError as e:
+            raise self.error(line, f"[[result:{ref}]]: {e.args[0]}") from None
+
+    def result_link(self, ref: str, content: list) -> list:
+        """[[result:NAME.KEY][as written]]: the value the code computes, in the written format."""
+        desc = stringify(content)
+        desc = None if desc.strip() == f"result:{ref}" else desc
+        line, value = self.result_value(ref)
+        if isinstance(value, (list, dict)):
+            raise self.error(line, f"[[result:{ref}]] is a table: place it alone in a paragraph")
+        if desc is not None and not results.agrees(value, desc):
+            self.warnings.append(f"{self.name}:{line}: [[result:{ref}]]: the prose says {desc!r}, "
+                                 f"the code computes {results.render(value, desc)!r}; the book "
+                                 "prints the computed value")
+        return [typ(self.mark(line)), el("Str", results.render(value, desc))]
+
+    def placed_result(self, inlines: list) -> list | None:
+        """A paragraph holding only [[result:NAME]] of a table or multi-line text: the table."""
+        real = [x for x in inlines if x.get("t") not in ("Space", "SoftBreak")]
+        if len(real) != 1 or real[0].get("t") != "Link" or \
+                not real[0]["c"][2][0].startswith("result:"):
+            return None
+        ref = real[0]["c"][2][0][len("result:"):]
+        line, value = self.result_value(ref)
+        if isinstance(value, str) and "\n" in value:
+            return [typ_block(self.mark(line)), el("CodeBlock", [["", [], []], value.rstrip("\n")])]
+        if not isinstance(value, list):
+            return None
+        if not value or not all(isinstance(r, list) and len(r) == len(value[0]) for r in value):
+            raise self.error(line, f"[[result:{ref}]]: a table is a list of rows of equal length, "
+                             "the first the header")
+
+        def row(cells):
+            return [["", [], []], [[["", [], []], el("AlignDefault"), 1, 1,
+                                    [el("Plain", [el("Str", results.render(v))])]] for v in cells]]
+        table = el("Table", [["", [], []], [None, []],
+                             [[el("AlignDefault"), el("ColWidthDefault")] for _ in value[0]],
+                             [["", [], []], [row(value[0])]],
+                             [[["", [], []], 0, [], [row(r) for r in value[1:]]]],
+                             [["", [], []], []]])
+        cursor = self.cursor
+        table = self.table(table)
+        self.cursor = cursor                # table() looks for its | lines: there are none
+        return [typ_block(self.mark(line)), table]
 
     def image(self, x: dict) -> list:
         attr, alt, (url, title) = x["c"]
@@ -876,9 +934,10 @@ def book_source(org: Path) -> tuple[Book, str]:
     find_ids(ast["blocks"])
     for p in book.pieces:
         p.visible = p.id in shown       # pandoc drops :exports none blocks
-    rewriter = Rewriter(book, ast)
+    res = results.load(doc)             # cheap results run now, frozen ones are read
+    rewriter = Rewriter(book, ast, res)
     ast["blocks"] = rewriter.run()
-    for w in rewriter.warnings + missing_glyphs(book.doc):
+    for w in res.warnings + rewriter.warnings + missing_glyphs(book.doc):
         print(f"warning: {w}", file=sys.stderr)
     return book, typst_source(book, write_typst(doc, ast))
 
