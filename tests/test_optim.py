@@ -125,3 +125,54 @@ def test_clipping_equals_torch(max_norm):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-6, atol=1e-7)
     after = torch.stack([p.grad.norm() for p in a.parameters()]).norm().item()
     assert after == pytest.approx(min(max_norm, norm_b.item()), rel=1e-5)
+
+
+def backward_scaled(net: nn.Module, scaler, overflow: bool) -> None:
+    idx = torch.arange(10).view(2, 5)
+    scaler.scale(net(idx).logsumexp(-1).mean()).backward()
+    if overflow:                                     # what a float16 overflow leaves behind
+        net.fc.weight.grad[0, 0] = math.inf
+
+
+def test_loss_scaler_skips_an_overflowing_step():
+    net = Net()
+    opt = optim.AdamW(optim.param_groups(net, 0.1), lr=1e-2)
+    scaler = optim.DynamicLossScaler(init_scale=2.0 ** 16)
+    before = copy.deepcopy(net.state_dict())
+    backward_scaled(net, scaler, overflow=True)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not opt.state                             # the optimizer never ran
+    assert scaler.get_scale() == 2.0 ** 15
+    opt.zero_grad()
+    backward_scaled(net, scaler, overflow=False)
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(before["fc.weight"], net.fc.weight)
+
+
+def test_loss_scaler_follows_gradscaler():
+    """Same scales, same weights as torch.amp.GradScaler over clean and overflowing steps."""
+    a, b = twins()
+    opt_a, opt_b = optim.AdamW(a.parameters(), lr=1e-2), optim.AdamW(b.parameters(), lr=1e-2)
+    ours = optim.DynamicLossScaler(init_scale=1024.0, growth_interval=3)
+    theirs = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    pattern = [False, True, False, False, False, False, True, True, False, False, False, False]
+    for overflow in pattern:
+        for net, opt, scaler in ((a, opt_a, ours), (b, opt_b, theirs)):
+            opt.zero_grad()
+            backward_scaled(net, scaler, overflow)
+            scaler.unscale_(opt)                     # as the training loop does, before clipping
+            scaler.step(opt)
+            scaler.update()
+        assert ours.get_scale() == theirs.get_scale()
+    assert ours.get_scale() == 1024.0 / 8 * 2 * 2    # three halvings, two doublings
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+
+
+def test_disabled_scaler_is_transparent():
+    scaler = optim.DynamicLossScaler(enabled=False)
+    loss = torch.tensor(2.5)
+    assert scaler.scale(loss) is loss and scaler.get_scale() == 1.0
