@@ -1,5 +1,6 @@
 """The training loop: accumulation, checkpointed blocks, a falling loss, exact resume, DDP, bad checkpoints."""
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -18,10 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "llm.org").read_text(encoding="utf-8")[:40_000]   # a small corpus at hand
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small are bound by per-operation overhead, which a second thread does not
+    help, and on a shared machine a busy second core makes a 2-thread step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data") / "tiny"
-    data.prepare(TEXT, folder)
+    data.prepare(folder, [("llm.org", TEXT)], source="the first 40 kB of llm.org",
+                 tokenizer="bpe", vocab_size=320, progress=False)
     return folder
 
 
@@ -69,10 +81,12 @@ def test_checkpointed_blocks_give_identical_gradients():
 def test_tiny_run_learns(data_dir, tmp_path):
     cfg = tiny(data_dir, tmp_path / "run", max_steps=150, eval_every=150, eval_batches=4)
     result = train.train(cfg, model.PRESETS["tiny"])
-    vocab = data.read_meta(data_dir)["vocab_size"]
-    assert result["val_loss"] < 0.7 * math.log(vocab)          # a uniform guess scores ln V
+    uniform = math.log(data.read_meta(data_dir)["vocab_size"])   # the loss of a uniform guess
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(records[0]["val_loss"] - uniform) < 0.3         # an untrained model knows nothing
+    assert result["val_loss"] < uniform - 1.2                  # ln 320 = 5.77 -> about 4.1
+    assert [r["step"] for r in records if "loss" in r] == list(range(2, 151, 2))
     assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 150 // 2
 
 
 def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
@@ -92,13 +106,9 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     train.train(tiny(data_dir, tmp_path / "resumed"), model.PRESETS["tiny"], resume=True)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in map(eval_json, (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines())]
-    assert steps == sorted(steps)                            # the lost steps 5-6 were dropped
-
-
-def eval_json(line: str) -> dict:
-    import json
-    return json.loads(line)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == sorted(steps)                            # what the crash lost was dropped
 
 
 def test_two_process_ddp_equals_accumulation_two(data_dir, tmp_path):
@@ -112,8 +122,9 @@ def test_two_process_ddp_equals_accumulation_two(data_dir, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    # bit for bit: halving is exact in binary floating point and a + b == b + a; with three or
+    # more processes the sums would group differently and agree only to rounding
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
