@@ -9,6 +9,15 @@ from torch import nn
 from llm import optim
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from a second thread, and lose a lot when its core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Net(nn.Module):
     """A stand-in with every kind of parameter the GPT has: embedding, norm, linear with bias, tied output."""
 

@@ -148,3 +148,25 @@ def test_missing_and_corrupt_checkpoints(data_dir, tmp_path):
     with pytest.raises(FileExistsError, match="--resume"):
         train.train(tiny(data_dir, run, max_steps=8), model.PRESETS["tiny"])
     assert snapshot(run) == before                                     # nothing overwritten
+
+
+@pytest.mark.parametrize("dtype, scaler, optimizer", [("bfloat16", "ours", "torch"),
+                                                       ("float16", "ours", "ours"),
+                                                       ("float16", "torch", "torch")])
+def test_mixed_precision_and_fast_paths_train(data_dir, tmp_path, dtype, scaler, optimizer):
+    cfg = tiny(data_dir, tmp_path / "run", dtype=dtype, scaler=scaler, optimizer=optimizer,
+               max_steps=20, eval_every=20)
+    result = train.train(cfg, model.PRESETS["tiny"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result["val_loss"] < records[0]["val_loss"] - 0.3
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
+
+
+def test_bad_settings_stop_before_training(tmp_path):
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train.TrainConfig(max_steps=10, warmup_steps=50)
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        train.TrainConfig(batch_size=24, micro_batch=16)
+    with pytest.raises(FileNotFoundError, match="python -m llm prepare"):
+        train.train(train.TrainConfig(data=str(tmp_path / "none"), out=str(tmp_path / "run")),
+                    model.PRESETS["tiny"])
