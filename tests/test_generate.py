@@ -1,0 +1,143 @@
+"""Generation: samplers and penalties on hand-made logits, seeds, stop strings, the KV cache, the CLI."""
+import math
+import re
+
+import pytest
+import torch
+
+from llm import generate as g
+
+INF = float("-inf")
+
+
+# --- samplers on hand-made logits -------------------------------------------------------
+
+def test_greedy_is_argmax_per_row():
+    z = torch.tensor([[0.1, 3.0, -1.0], [5.0, 4.0, 4.5]])
+    assert g.greedy(z).tolist() == [1, 0]
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    z = torch.tensor([1.0, 3.0, 3.0, 3.0, 0.5, 2.0])
+    out = g.top_k(z, 2)
+    assert torch.isfinite(out).sum() == 2
+    kept = torch.isfinite(out)
+    assert torch.equal(out[kept], z[kept]) and (z[kept] == 3.0).all()
+    out = g.top_k(z, 4)                         # the three 3.0s and the 2.0
+    assert torch.isfinite(out).tolist() == [False, True, True, True, False, True]
+    assert torch.equal(g.top_k(z, 6), z) and torch.equal(g.top_k(z, 100), z)
+    batch = g.top_k(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]), 1)
+    assert torch.isfinite(batch).tolist() == [[False, False, True], [True, False, False]]
+
+
+@pytest.mark.parametrize("p, kept", [(0.5, 1), (0.50001, 2), (0.8, 2), (0.80001, 3),
+                                     (0.9, 3), (0.95, 3), (0.96, 4), (1.0, 4), (1e-9, 1)])
+def test_top_p_keeps_smallest_set_reaching_p(p, kept):
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])           # sorted: 0.5, 0.3, 0.15, 0.05
+    z = probs.log() + 1.7                                    # any shift: softmax is the same
+    out = g.top_p(z, p)
+    assert int(torch.isfinite(out).sum()) == kept
+    by_rank = [1, 3, 0, 2]
+    assert torch.isfinite(out)[by_rank].tolist() == [True] * kept + [False] * (4 - kept)
+    assert torch.equal(out[torch.isfinite(out)], z[torch.isfinite(out)])   # untouched
+    # the kept set is the smallest whose mass reaches p
+    mass = probs[torch.isfinite(out)].sum()
+    assert mass >= p - 1e-6
+    assert kept == 1 or mass - probs[torch.isfinite(out)].min() < p
+
+
+def test_top_p_batched_rows_are_independent():
+    z = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])   # peaked vs flat
+    out = g.top_p(z, 0.9)
+    assert torch.isfinite(out).sum(-1).tolist() == [1, 3]
+
+
+def test_temperature_limits():
+    z = torch.tensor([2.0, 1.0, 0.0])
+    for tau, expected in [(1.0, [0.6652, 0.2447, 0.0900]), (0.5, [0.8668, 0.1173, 0.0159]),
+                          (2.0, [0.5065, 0.3072, 0.1863])]:
+        assert torch.allclose(torch.softmax(g.temperature(z, tau), -1), torch.tensor(expected),
+                              atol=1e-4)
+    # tau -> 0: one-hot on the argmax; tau -> inf: uniform
+    assert torch.allclose(torch.softmax(g.temperature(z, 1e-3), -1), torch.tensor([1.0, 0, 0]))
+    assert torch.allclose(torch.softmax(g.temperature(z, 1e6), -1), torch.full((3,), 1 / 3))
+    # and the sampler agrees: a tiny temperature always draws the argmax, 0 is greedy
+    none, counts = torch.zeros(3, dtype=torch.bool), torch.zeros(3)
+    gen = g.random_stream(0)
+    draws = {g.choose(z, g.Sampling(temperature=1e-3), none, counts, gen) for _ in range(200)}
+    assert draws == {0}
+    assert g.choose(z, g.Sampling(temperature=0), none, counts) == 0
+
+
+def test_repetition_penalty_changes_exactly_the_present_tokens():
+    z = torch.tensor([2.4, -1.0, 0.0, 3.0, -2.0])
+    present = torch.tensor([True, True, True, False, False])
+    out = g.repetition_penalty(z, present, 1.2)
+    assert torch.allclose(out, torch.tensor([2.0, -1.2, 0.0, 3.0, -2.0]))
+    assert torch.equal(g.repetition_penalty(z, present, 1.0), z)
+
+
+def test_frequency_and_presence_penalties():
+    z = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    out = g.frequency_presence_penalty(z, counts, frequency=0.5, presence=0.25)
+    assert torch.allclose(out, torch.tensor([1.0, 1 - 0.5 - 0.25, 1 - 1.5 - 0.25, 1.0]))
+    # additive in logits = multiplicative in odds: exp(-0.5 * 3) for the frequency part
+    p = torch.softmax(g.frequency_presence_penalty(z, counts, 0.5, 0.0), -1)
+    assert math.isclose(p[2] / p[0], math.exp(-1.5), rel_tol=1e-5)
+
+
+def test_choose_applies_penalties_before_greedy():
+    z = torch.tensor([3.0, 2.9, 0.0])
+    present = torch.tensor([True, False, False])
+    counts = torch.tensor([1.0, 0.0, 0.0])
+    none, zero = torch.zeros(3, dtype=torch.bool), torch.zeros(3)
+    greedy = g.Sampling(temperature=0)
+    assert g.choose(z, greedy, none, zero) == 0
+    assert g.choose(z, g.Sampling(temperature=0, repetition_penalty=1.1), present, zero) == 1
+    assert g.choose(z, g.Sampling(temperature=0, presence_penalty=0.2), none, counts) == 1
+    assert g.choose(z, g.Sampling(temperature=0, frequency_penalty=0.2), none, counts) == 1
+
+
+def test_choose_only_draws_kept_tokens_with_the_right_frequencies():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    none, zero = torch.zeros(4, dtype=torch.bool), torch.zeros(4)
+    gen = g.random_stream(1)
+    n = 4000
+    draws = torch.tensor([g.choose(probs.log(), g.Sampling(top_p=0.8), none, zero, gen)
+                          for _ in range(n)])
+    freq = torch.bincount(draws, minlength=4) / n
+    assert freq[2] == 0 and freq[3] == 0
+    assert abs(freq[0] - 0.625) < 0.03            # 0.5 / (0.5 + 0.3)
+    draws = {g.choose(probs.log(), g.Sampling(top_k=3), none, zero, gen) for _ in range(500)}
+    assert draws == {0, 1, 2}
+
+
+def test_seeded_sampling_is_reproducible_and_private():
+    z = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    none, zero = torch.zeros(50, dtype=torch.bool), torch.zeros(50)
+    s = g.Sampling(temperature=1.5, seed=123)
+
+    def run():
+        gen = g.random_stream(s.seed)
+        return [g.choose(z, s, none, zero, gen) for _ in range(100)]
+
+    torch.manual_seed(0)
+    global_before = torch.rand(3)
+    torch.manual_seed(0)
+    first = run()
+    assert torch.equal(torch.rand(3), global_before)     # the global stream was not touched
+    assert run() == first
+    other = g.random_stream(124)
+    assert [g.choose(z, s, none, zero, other) for _ in range(100)] != first
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_p=0.0), "top-p must be in (0, 1]"), (dict(top_p=1.5), "top-p must be in (0, 1]"),
+    (dict(temperature=-0.1), "temperature must be >= 0"), (dict(top_k=0), "top-k must be >= 1"),
+    (dict(repetition_penalty=0.0), "repetition penalty must be > 0"),
+    (dict(max_new_tokens=-1), "max new tokens must be >= 0"),
+    (dict(stop_strings=("",)), "stop string must not be empty")])
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        g.Sampling(**kwargs)
