@@ -141,3 +141,68 @@ def test_seeded_sampling_is_reproducible_and_private():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         g.Sampling(**kwargs)
+
+
+# --- stop strings and streaming text ------------------------------------------------------
+
+class ChunkTokenizer:
+    """A byte-level tokenizer whose tokens are given byte strings: enough to split characters."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def stream(chunks: list[bytes], stops=()) -> tuple[list[str], g.TextStream]:
+    tok = ChunkTokenizer(chunks)
+    s = g.TextStream(tok, stops)
+    out = []
+    for i in range(len(chunks)):
+        out.append(s.push(i))
+        if s.stopped:
+            return out, s
+    out.append(s.finish())
+    return out, s
+
+
+def test_stream_never_splits_a_character():
+    text = "né 😀 €!"
+    data = text.encode()
+    pieces, s = stream([data[i:i + 1] for i in range(len(data))])        # one byte per token
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[:3] == ["n", "", "é"]           # C3 held back until A9 arrives
+    # tokens that end inside one character and start the next one
+    chunks = [b"n\xc3", b"\xa9 \xf0\x9f", b"\x98", b"\x80 \xe2\x82", b"\xac!"]
+    pieces, _ = stream(chunks)
+    assert pieces == ["n", "é ", "", "😀 ", "€!", ""]
+    assert len(s.pending) == 0
+
+
+def test_stream_shows_invalid_bytes_one_step_late():
+    pieces, _ = stream([b"a", b"\xff", b"b", b"\xc3"])
+    assert pieces == ["a", "", "\ufffdb", "", "\ufffd"]   # the last one only at finish()
+
+
+def test_stop_string_across_token_boundaries():
+    pieces, s = stream([b"Hello\n", b"\nWor", b"ld"], stops=("\n\n",))
+    assert pieces == ["Hello", ""] and s.stopped      # "\n" held back, then the stop found
+    pieces, s = stream([b"Hello\n", b"there", b"\n"], stops=("\n\n",))
+    assert pieces == ["Hello", "\nthere", "", "\n"] and not s.stopped
+
+
+def test_earliest_stop_string_wins_and_nothing_after_it_is_shown():
+    pieces, s = stream([b"To be, or ", b"not to be: ROMEO: and JULIET:"],
+                       stops=("JULIET:", "ROMEO:"))
+    assert "".join(pieces) == "To be, or not to be: " and s.stopped
+    pieces, s = stream([b"abcab", b"cabd"], stops=("abcabd",))   # overlapping self-prefixes
+    assert "".join(pieces) == "abc" and s.stopped
+
+
+def test_partial_stop():
+    assert g.partial_stop("the end\n", ("\n\n",)) == 1
+    assert g.partial_stop("KING RICH", ("RICHARD:", "KING")) == 4
+    assert g.partial_stop("anything", ()) == 0
+    assert g.partial_stop("stop", ("stop",)) == 0            # whole matches are found, not held
