@@ -206,3 +206,48 @@ def test_partial_stop():
     assert g.partial_stop("KING RICH", ("RICHARD:", "KING")) == 4
     assert g.partial_stop("anything", ()) == 0
     assert g.partial_stop("stop", ("stop",)) == 0            # whole matches are found, not held
+
+
+# --- the loop and the context window ------------------------------------------------------
+
+class Recorder(torch.nn.Module):
+    """A stand-in model that records what it reads and prefers token (last + 1) % V."""
+
+    def __init__(self, vocab_size=16, block_size=8):
+        super().__init__()
+        self.config = type("Config", (), dict(vocab_size=vocab_size, block_size=block_size))()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, idx, targets=None):
+        self.calls.append(idx[0].tolist())
+        logits = torch.full((*idx.shape, self.config.vocab_size), -5.0)
+        logits[0, -1, (idx[0, -1] + 1) % self.config.vocab_size] = 5.0
+        return logits, None
+
+
+def test_window_rule_without_cache():
+    model = Recorder(block_size=8)
+    d = g.Decoder(model, use_cache=False)                     # keep = 4
+    d.feed(list(range(10)))                                    # a prompt longer than block_size
+    assert model.calls[-1] == list(range(2, 10))               # its last 8 tokens
+    d.feed([10])                                               # does not fit: restart with 4
+    assert model.calls[-1] == [7, 8, 9, 10]
+    for t in range(11, 15):
+        d.feed([t])
+    assert model.calls[-1] == list(range(7, 15))               # full again
+    d.feed([15])
+    assert model.calls[-1] == [12, 13, 14, 15]
+    with pytest.raises(ValueError, match="keep must be in"):
+        g.Decoder(model, use_cache=False, keep=9)
+
+
+def test_generate_yields_tokens_stops_and_counts():
+    model = Recorder(vocab_size=16, block_size=8)
+    out = list(g.generate(model, [3], g.Sampling(temperature=0, max_new_tokens=20), False))
+    assert out == [(4 + i) % 16 for i in range(20)]
+    out = list(g.generate(model, [3], g.Sampling(temperature=0, stop_tokens=(7,)), False))
+    assert out == [4, 5, 6]
+    assert list(g.generate(model, [3], g.Sampling(max_new_tokens=0), False)) == []
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        list(g.generate(model, [], g.Sampling(), False))
