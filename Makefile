@@ -19,6 +19,8 @@ $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	@# The venv finds the tangled package in build/, so `.venv/bin/python -m llm` works from here.
+	echo "$(CURDIR)/build" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llm-book.pth"
 	touch $@
 
 tangle: $(STAMP) ## write build/ from llm.org

@@ -236,28 +236,30 @@ def read_block(path: Path, lines: list[str], i: int, args: str, heading: Heading
     return Block(start, k + 1, lang, begin_args, header_lines, name, name_line, body, heading)
 
 
+def indentation(line: str) -> int:
+    """The column where the text starts, tabs counted to the next multiple of 8 as in Emacs."""
+    col = 0
+    for ch in line:
+        if ch == " ":
+            col += 1
+        elif ch == "\t":
+            col = col // 8 * 8 + 8
+        else:
+            break
+    return col
+
+
 def normalize_body(path: Path, start: int, body: list[str]) -> list[str]:
-    """Remove the common indentation, as `org-remove-indentation` does."""
-    indents = [len(s) - len(s.lstrip(" \t")) for s in body if s.strip()]
-    n = min(indents, default=0)
+    """Remove the common indentation, as `org-remove-indentation` does.
+
+    Blank lines do not count; when anything is removed, blank lines become empty and the
+    rest of each line's indentation is re-made with spaces (tabs become spaces).
+    """
+    n = min((indentation(s) for s in body if s.strip(" \t")), default=0)
     if n == 0:
         return body
-    out = []
-    for k, s in enumerate(body):
-        lead = s[:len(s) - len(s.lstrip(" \t"))]
-        if "\t" in lead:
-            raise TangleError(path, start + 1 + k, "tab in the indentation of an indented block: "
-                              "Org would re-indent it with tabs; use spaces or un-indent the block")
-        if not s.strip():
-            out.append("")
-        else:
-            if len(lead) - n >= 8:
-                # Emacs re-indents with `indent-line-to` in a buffer where tabs are on.
-                raise TangleError(path, start + 1 + k, "a line indented 8+ columns inside an "
-                                  "indented block: Emacs would turn its indentation into tabs; "
-                                  "move the block to column 0")
-            out.append(s[n:])
-    return out
+    return ["" if not s.strip(" \t") else " " * (indentation(s) - n) + s.lstrip(" \t")
+            for s in body]
 
 
 def check_unique_names(path: Path, blocks: list[Block]) -> None:
@@ -280,7 +282,7 @@ def check_unique_names(path: Path, blocks: list[Block]) -> None:
 # Header arguments that change what is tangled, with the values this tool supports.
 TANGLE_ARGS = {
     "tangle": None,                       # no | yes | a path
-    "noweb": {"no", "yes", "tangle"},
+    "noweb": {"no", "yes", "tangle", "no-export", "strip-export", "eval"},
     "noweb-ref": None,
     "noweb-sep": None,
     "padline": {"yes", "no"},
@@ -296,6 +298,9 @@ DEFAULTS = {"tangle": "no", "noweb": "no", "padline": "yes", "comments": "no"}
 LANG_EXT = {"python": "py", "emacs-lisp": "el", "elisp": "el", "shell": "sh", "sh": "sh",
             "bash": "sh", "javascript": "js", "js": "js", "ruby": "rb", "perl": "pl",
             "c": "c", "c++": "cpp", "cpp": "cpp", "rust": "rs"}
+# Which :noweb values expand references in a tangled block, and in a block it includes.
+EXPANDS_WHEN_TANGLED = {"yes", "tangle", "no-export", "strip-export"}
+EXPANDS_WHEN_INCLUDED = {"yes", "no-export", "strip-export", "eval"}
 NOWEB_REF = re.compile(r"(.*?)(<<([^ \t\n](?:.*?[^ \t\n])?)>>)")
 
 
@@ -361,12 +366,14 @@ def inherited_property(doc: Document, heading: Heading | None, name: str) -> str
 
 
 def resolve(doc: Document) -> None:
-    """Fill every block's params: defaults < header-args < header-args:LANG < #+begin_src < #+header."""
+    """Every block's params: defaults < header-args < header-args:LANG < #+begin_src < #+header."""
     for b in doc.blocks:
         # Inherited arguments are reported at the block they reach.
         sources = [(b.line, value) for name in ("header-args", f"header-args:{b.lang}")
                    if (value := inherited_property(doc, b.heading, name))]
-        sources += [(b.line, b.begin_args), *b.header_lines]
+        # Org merges the #+begin_src line, then the #+header lines from the last up: the
+        # first #+header line wins over everything.
+        sources += [(b.line, b.begin_args), *reversed(b.header_lines)]
         params = dict(DEFAULTS)
         for line, text in sources:
             for key, value in split_header_args(doc.path, line, text):
@@ -416,14 +423,14 @@ class Expander:
                                   f":noweb-ref {name} is also the #+name of the block at line "
                                   f"{self.named[name].line}; Org would use only that one")
 
-    def body(self, block: Block, stack: tuple[str, ...] = ()) -> list[Line]:
+    def body(self, block: Block, expand: bool, stack: tuple[str, ...] = ()) -> list[Line]:
         lines = [Line(text, block.line + 1 + k, block.label) for k, text in enumerate(block.body)]
         if not lines:
             lines = [Line("", block.line, block.label)]
-        if block.params["noweb"] == "no":
+        if not expand:
             return lines
         out: list[Line] = []
-        for k, line in enumerate(lines):
+        for line in lines:
             out.extend(self.expand_line(block, line, stack))
         return out
 
@@ -461,7 +468,7 @@ class Expander:
                 raise TangleError(self.doc.path, child.line,
                                   f"<<{name}>> is used inside another block, where Org leaves the "
                                   "references of a ':noweb tangle' block unexpanded; use ':noweb yes'")
-            body = self.body(child, stack + (name,))
+            body = self.body(child, child.params["noweb"] in EXPANDS_WHEN_INCLUDED, stack + (name,))
             if k == 0:
                 out = body
             else:
@@ -544,16 +551,12 @@ def tangle_document(doc: Document) -> dict[str, Output]:
     resolve(doc)
     expander = Expander(doc)
     live = [b for b in doc.blocks if not b.commented and b.params["tangle"] != "no"]
-    # org-babel-tangle collects blocks by language (in order of first appearance),
-    # so a file fed by two languages gets all of the first language's blocks first.
-    lang_rank: dict[str, int] = {}
-    for b in live:
-        lang_rank.setdefault(b.lang, len(lang_rank))
     outputs: dict[str, Output] = {}
-    for b in sorted(live, key=lambda b: (lang_rank[b.lang], b.line)):
+    for b in live:  # document order, whatever the language (Org 9.5)
         target = check_target(doc, b, target_of(doc, b))
         out = outputs.setdefault(target, Output(target, first_line=b.line))
-        lines = org_trim(expander.body(b)) or [Line("", b.line, b.label)]
+        expand = b.params["noweb"] in EXPANDS_WHEN_TANGLED
+        lines = org_trim(expander.body(b, expand)) or [Line("", b.line, b.label)]
         if shebang := b.params.get("shebang"):
             if not out.executable:
                 lines = [Line(shebang, b.line, b.label)] + lines
