@@ -7,7 +7,15 @@ import torch
 
 from llm import generate as g
 
-INF = float("-inf")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine it only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- samplers on hand-made logits -------------------------------------------------------
@@ -251,3 +259,77 @@ def test_generate_yields_tokens_stops_and_counts():
     assert list(g.generate(model, [3], g.Sampling(max_new_tokens=0), False)) == []
     with pytest.raises(ValueError, match="the prompt is empty"):
         list(g.generate(model, [], g.Sampling(), False))
+
+
+# --- the KV cache: the same tokens and logits as recomputing everything -----------------
+
+def tiny_model(style: str, attention: str, seed: int = 0):
+    import dataclasses
+    from llm.model import GPT, PRESETS
+    config = dataclasses.replace(PRESETS["tiny"], attention=attention, dropout=0.0)
+    if style == "llama":
+        config = dataclasses.replace(config, pos="rope", norm="rmsnorm", mlp="swiglu",
+                                     bias=False, tie_weights=False, n_kv_heads=2)
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():           # large weights: logits of order 1-10, so errors would show
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+MODELS = [(style, attention) for style in ("gpt2", "llama") for attention in ("explicit", "sdpa")]
+
+
+@pytest.mark.parametrize("style, attention", MODELS)
+def test_cache_gives_the_same_logits_and_tokens(style, attention):
+    model = tiny_model(style, attention)
+    T = model.config.block_size                                 # 32: the window restarts
+    with_cache, without = g.Decoder(model, True), g.Decoder(model, False)
+    prompt = torch.randint(0, model.config.vocab_size, (5,)).tolist()
+    a, b = with_cache.feed(prompt), without.feed(prompt)
+    steps = 0
+    for _ in range(2 * T):                                      # crosses block_size twice
+        assert b.abs().max() > 0.5                              # logits of real size
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+        token = int(b.argmax())
+        a, b = with_cache.feed([token]), without.feed([token])
+        steps += 1
+    assert with_cache.window == without.window and len(with_cache.window) <= T
+    s = g.Sampling(temperature=1.0, top_k=20, seed=7, max_new_tokens=3 * T)
+    assert list(g.generate(model, prompt, s, True)) == list(g.generate(model, prompt, s, False))
+
+
+@pytest.mark.parametrize("style, attention", MODELS)
+def test_cache_reads_a_chunk_after_earlier_tokens(style, attention):
+    """T new queries over S > T keys: the mask must be offset (a chat turn appended)."""
+    model = tiny_model(style, attention, seed=1)
+    with_cache, without = g.Decoder(model, True), g.Decoder(model, False)
+    for chunk in ([1, 2, 3, 4], [5, 6, 7], [8], [9, 10, 11, 12, 13]):
+        a, b = with_cache.feed(chunk), without.feed(chunk)
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+    assert with_cache.cache.pos == 13
+
+
+def test_cache_memory_formula_matches_what_is_allocated():
+    from llm.model import KVCache, PRESETS
+    for name, config in PRESETS.items():
+        if config.n_layers * config.block_size * config.d_model > 2e7:
+            continue                                             # do not allocate big caches
+        cache = KVCache(config, batch_size=2)
+        allocated = sum(t.numel() * t.element_size() for layer in cache.layers
+                        for t in (layer.k, layer.v))
+        assert allocated == g.kv_cache_bytes(config, config.block_size, batch_size=2), name
+    gpt2 = PRESETS["gpt2"]
+    assert g.kv_cache_bytes(gpt2) == 2 * 12 * 12 * 64 * 4 == 73_728
+    llama = PRESETS["llama-small"]                              # 4 key/value heads of 12
+    assert g.kv_cache_bytes(llama) * 3 == g.kv_cache_bytes(gpt2)
+
+
+def test_cache_refuses_to_overflow():
+    from llm.model import KVCache
+    model = tiny_model("gpt2", "sdpa")
+    cache = KVCache(model.config)
+    model(torch.zeros(1, 32, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
