@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test check clean
+.PHONY: help setup tangle test pdf check clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ $(STAMP): requirements.txt
 tangle: $(STAMP) ## write build/ from llm.org
 	$(PY) tangle.py $(ORG)
 
+pdf: $(STAMP) ## weave llm.org into the book, pdf/llm.pdf
+	$(PY) tangle.py weave $(ORG)
+
 test: tangle ## tangle, then run the whole test suite
 	$(PY) -m pytest -q tests
 
@@ -34,4 +37,4 @@ check: $(STAMP) ## fail if build/ differs from llm.org; test the literate tools
 	$(PY) -m pytest -q tests/test_tangle.py
 
 clean: ## remove everything generated
-	rm -rf build pdf/llm.pdf pdf/*.typ .$(basename $(ORG)).tangle.json .pytest_cache
+	rm -rf build pdf/llm.pdf pdf/llm.typ .$(basename $(ORG)).tangle.json .pytest_cache
