@@ -333,3 +333,45 @@ def test_cache_refuses_to_overflow():
     model(torch.zeros(1, 32, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="longer than block_size"):
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+# --- text in, text out -----------------------------------------------------------------------
+
+def char_model(specials=("<|endoftext|>",)):
+    import dataclasses
+    from llm.model import GPT, PRESETS
+    from llm.tokenizer import CharTokenizer
+    tok = CharTokenizer.train("To be, or not to be: that is the question.\n", specials)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model, tok
+
+
+def test_show_streams_what_generate_makes_and_cuts_at_stop_strings(capsys):
+    import io
+    model, tok = char_model()
+    s = g.Sampling(seed=3, max_new_tokens=40)
+    ids = list(g.generate(model, tok.encode("To be"), s))
+    full = tok.decode(ids)
+    out = io.StringIO()
+    assert g.show(model, tok, "To be", s, out=out) == full
+    assert out.getvalue() == full + "\n"
+    assert "40 tokens in" in capsys.readouterr().err
+    stop = full[10:12]
+    s = g.Sampling(seed=3, max_new_tokens=40, stop_strings=(stop,))
+    out = io.StringIO()
+    assert g.show(model, tok, "To be", s, out=out) == full[:full.index(stop)]
+
+
+def test_empty_prompt_starts_a_document_or_is_refused():
+    import io
+    model, tok = char_model()
+    s = g.Sampling(seed=0, max_new_tokens=5)
+    assert len(g.show(model, tok, "", s, out=io.StringIO())) == 5
+    assert g.start_tokens(tok) == [tok.eot_id]
+    model, tok = char_model(specials=())
+    with pytest.raises(ValueError, match="no <|endoftext|> token"):
+        g.show(model, tok, "", s, out=io.StringIO())
