@@ -375,3 +375,80 @@ def test_empty_prompt_starts_a_document_or_is_refused():
     model, tok = char_model(specials=())
     with pytest.raises(ValueError, match="no <|endoftext|> token"):
         g.show(model, tok, "", s, out=io.StringIO())
+
+
+# --- the command ---------------------------------------------------------------------------
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run folder with one checkpoint of a tiny character-level model."""
+    train = pytest.importorskip("llm.train")       # checkpoints are Part III's
+    TrainConfig, save_checkpoint = train.TrainConfig, train.save_checkpoint
+    model, tok = char_model()
+    tok.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", 5, model, TrainConfig(), tmp_path / "tokenizer.json", {})
+    return tmp_path / "run"
+
+
+def cli(*args: str) -> int:
+    from llm.__main__ import main
+    return main(["generate", *args])
+
+
+def test_cli_streams_the_same_text_as_the_api(run_dir, capsys):
+    assert cli("--checkpoint", str(run_dir), "--prompt", "To be", "--max-new-tokens", "30",
+               "--seed", "4", "--top-k", "10", "--stop", "\\n\\n") == 0
+    out = capsys.readouterr()
+    model, tok = char_model()
+    s = g.Sampling(temperature=0.8, top_p=0.95, top_k=10, seed=4, max_new_tokens=30,
+                   stop_strings=("\n\n",), stop_tokens=(tok.eot_id,))
+    import io
+    expected = g.show(model, tok, "To be", s, out=io.StringIO())
+    assert out.out == "To be" + expected + "\n"
+    assert "tokens/s, KV cache on" in out.err
+    assert cli("--checkpoint", str(run_dir), "--prompt", "To be", "--max-new-tokens", "30",
+               "--seed", "4", "--top-k", "10", "--stop", "\\n\\n", "--no-cache") == 0
+    assert capsys.readouterr().out == out.out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], "top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.01"], "top-p must be in (0, 1], got 1.01"),
+    (["--temperature", "-0.5"], "temperature must be >= 0 (0 = greedy), got -0.5"),
+    (["--top-k", "0"], "top-k must be >= 1"),
+    (["--prompt", "Zebra"], "character 'Z'"),
+])
+def test_cli_bad_flags_give_one_clear_line(run_dir, capsys, flags, message):
+    assert cli("--checkpoint", str(run_dir), *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m llm generate: error: ") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_missing_checkpoint_and_empty_prompt(tmp_path, capsys):
+    pytest.importorskip("llm.train")
+    assert cli("--checkpoint", str(tmp_path / "nowhere")) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    from llm.train import TrainConfig, save_checkpoint
+    model, tok = char_model(specials=())
+    tok.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", 1, model, TrainConfig(), tmp_path / "tokenizer.json", {})
+    assert cli("--checkpoint", str(tmp_path / "run")) == 2
+    assert "the prompt is empty and the tokenizer has no <|endoftext|>" in capsys.readouterr().err
+
+
+def test_cli_interactive_loop(run_dir, capsys, monkeypatch):
+    lines = iter(["To be", "Zzz", "not"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert cli("--checkpoint", str(run_dir), "--interactive", "--max-new-tokens", "5",
+               "--temperature", "0") == 0
+    out = capsys.readouterr()
+    assert out.out.count("\n") == 2                 # two continuations
+    assert "error: character 'Z'" in out.err        # the bad line is reported, the loop goes on
