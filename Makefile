@@ -1,6 +1,7 @@
 # The book and its code come from llm.org. Edit llm.org, then:
 #   make pdf     the book (pdf/llm.pdf)
 #   make test    tangle llm.org into build/ and test it
+#   make results recompute the book's frozen results (pdf/results/)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test check clean train
+.PHONY: help setup tangle test pdf results check clean train
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -25,6 +26,12 @@ $(STAMP): requirements.txt
 
 tangle: $(STAMP) ## write build/ from llm.org
 	$(PY) tangle.py $(ORG)
+
+pdf: $(STAMP) ## weave llm.org into the book, pdf/llm.pdf
+	$(PY) tangle.py weave $(ORG)
+
+results: $(STAMP) ## recompute the frozen results under pdf/results/ (NAMES="a b" for some)
+	$(PY) results.py $(ORG) $(NAMES)
 
 test: tangle ## tangle, then run the whole test suite
 	$(PY) -m pytest -q tests
@@ -47,4 +54,4 @@ check: $(STAMP) ## fail if build/ differs from llm.org; test the literate tools
 	$(PY) -m pytest -q tests/test_tangle.py
 
 clean: ## remove everything generated
-	rm -rf build pdf/llm.pdf pdf/*.typ .$(basename $(ORG)).tangle.json .pytest_cache
+	rm -rf build pdf/llm.pdf pdf/llm.typ .$(basename $(ORG)).tangle.json .pytest_cache

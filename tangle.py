@@ -293,7 +293,8 @@ TANGLE_ARGS = {
 # Header arguments that matter only to evaluation or export: accepted, ignored here.
 OTHER_ARGS = {"exports", "results", "eval", "session", "cache", "hlines", "wrap", "file",
               "output-dir", "cmdline", "dir", "async", "python", "post", "colnames",
-              "rownames", "sep", "file-ext", "no-expand", "width", "height"}
+              "rownames", "sep", "file-ext", "no-expand", "width", "height",
+              "inputs"}   # :inputs: files a frozen result depends on (results.py)
 DEFAULTS = {"tangle": "no", "noweb": "no", "padline": "yes", "comments": "no"}
 LANG_EXT = {"python": "py", "emacs-lisp": "el", "elisp": "el", "shell": "sh", "sh": "sh",
             "bash": "sh", "javascript": "js", "js": "js", "ruby": "rb", "perl": "pl",

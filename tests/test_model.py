@@ -211,7 +211,9 @@ def test_fused_ops_switch_gives_the_same_model():
         fused = M.GPT(small(fused_ops=True, **arch))
         fused.load_state_dict(ours.state_dict())
         idx = torch.randint(0, 97, (2, 24))
-        assert (ours(idx)[0] - fused(idx)[0]).abs().max() < 1e-5
+        (logits, loss), (fused_logits, fused_loss) = ours(idx, idx), fused(idx, idx)
+        assert (logits - fused_logits).abs().max() < 1e-5
+        assert abs(loss - fused_loss) < 1e-6
 
 
 def test_weight_tying_and_initialisation():

@@ -1,0 +1,972 @@
+"""weave.py: the book. `python tangle.py weave llm.org` -> pdf/llm.pdf.
+
+The route has three steps, each a section below:
+  1. model    tangle.py's own reading of llm.org: every source block with its resolved
+              header arguments, the chunk it adds to, the file it goes to, who uses it
+  2. rewrite  pandoc reads llm.org into its JSON AST; a pass over that AST puts the
+              model's labels on the code blocks and repairs what pandoc's Org reader
+              leaves raw (equation environments, [[*Heading]] and [[name]] links)
+  3. typeset  pandoc writes Typst; pdf/book.typ (the typography) goes in front; the
+              `typst` package compiles it in-process into a byte-reproducible PDF
+
+Tangling never reads pandoc's AST (the Org reader drops `:exports none` blocks and
+knows nothing of inherited header arguments); the weave reads both, and takes every
+fact about code (names, targets, continuations) from tangle.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import results
+import tangle
+from tangle import TangleError
+
+TEMPLATE = Path(__file__).resolve().parent / "pdf" / "book.typ"
+FONTS = TEMPLATE.parent / "fonts"       # CJK and emoji glyphs the wheel's fonts lack
+MARK = "/* {name}:{line} */"          # comments in the Typst source that name an Org line
+MARK_RE = re.compile(r"/\* [^:*]+:(\d+) \*/")
+
+
+# ---------------------------------------------------------------------------
+# 1. The model: what tangle.py knows about every block
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Piece:
+    """One source block as the book shows it."""
+    block: tangle.Block
+    id: str                               # its Typst label, blk-LINE
+    chunk: str | None                     # the #+name or :noweb-ref it defines
+    target: str | None                    # the file it is tangled to
+    refs: list[str]                       # the chunks its body uses (<<name>>)
+    visible: bool = True                  # pandoc kept it (not :exports none)
+
+
+@dataclass
+class Book:
+    doc: tangle.Document
+    pieces: list[Piece]                   # every live block, in document order
+    chunks: dict[str, list[Piece]]        # chunk name -> its blocks, in document order
+    files: dict[str, list[Piece]]         # target -> its blocks, in document order
+    users: dict[str, list[Piece]] = field(default_factory=dict)  # chunk -> blocks using it
+
+    def shown(self, pieces: list[Piece]) -> list[Piece]:
+        return [p for p in pieces if p.visible]
+
+    def sequence(self, p: Piece) -> list[Piece]:
+        """The blocks p is continued by: its chunk's if that has several, else its file's."""
+        if p.chunk and len(self.chunks[p.chunk]) > 1:
+            return self.chunks[p.chunk]
+        if p.target and len(self.files[p.target]) > 1:
+            return self.files[p.target]
+        return [p]
+
+    def neighbours(self, p: Piece) -> tuple[Piece | None, Piece | None]:
+        """The previous and next shown block of p's chunk or file."""
+        seq = self.shown(self.sequence(p))
+        if p not in seq:
+            return None, None
+        k = seq.index(p)
+        return (seq[k - 1] if k > 0 else None), (seq[k + 1] if k + 1 < len(seq) else None)
+
+    def first_definition(self, name: str) -> Piece | None:
+        shown = self.shown(self.chunks.get(name, []))
+        return shown[0] if shown else None
+
+    def used_in(self, p: Piece) -> list[Piece]:
+        return self.users.get(p.chunk, []) if p.chunk else []
+
+
+def book_model(doc: tangle.Document) -> Book:
+    """Blocks, chunks, files and uses, from a parsed and resolved document."""
+    live = [b for b in doc.blocks if not b.commented]
+    pieces = []
+    for b in live:
+        chunk = b.name or b.params.get("noweb-ref")
+        target = tangle.target_of(doc, b)
+        refs = []
+        if b.params.get("noweb", "no") != "no":
+            for line in b.body:
+                refs += [m.group(3) for m in tangle.NOWEB_REF.finditer(line)]
+        pieces.append(Piece(b, f"blk-{b.line}", chunk, target, list(dict.fromkeys(refs))))
+    # As tangle's Expander reads them: a #+name is one block; a :noweb-ref gathers blocks.
+    chunks: dict[str, list[Piece]] = {}
+    for p in pieces:
+        if p.block.name:
+            chunks[p.block.name] = [p]
+        if ref := p.block.params.get("noweb-ref"):
+            chunks.setdefault(ref, []).append(p)
+    # Files collect their blocks in document order, whatever the language (as tangle_document).
+    files: dict[str, list[Piece]] = {}
+    for p in pieces:
+        if p.target:
+            files.setdefault(p.target, []).append(p)
+    users: dict[str, list[Piece]] = {}
+    for p in pieces:
+        for name in p.refs:
+            users.setdefault(name, []).append(p)
+    return Book(doc, pieces, chunks, files, users)
+
+
+def display_name(chunk: str) -> str:
+    """How the book prints a chunk name: ⟨count loop⟩ for <<count-loop>>."""
+    return chunk.replace("-", " ")
+
+
+# ---------------------------------------------------------------------------
+# 2. Rewrite pandoc's AST
+# ---------------------------------------------------------------------------
+
+def marked_source(doc: tangle.Document) -> str:
+    """llm.org with `:weave-id LINE` on every #+begin_src line (line count unchanged).
+
+    Pandoc keeps every header argument as an attribute, so each CodeBlock in its AST
+    names the block of tangle's model it came from, however many blocks it dropped.
+    """
+    lines = list(doc.lines)
+    for b in doc.blocks:
+        lines[b.line - 1] = lines[b.line - 1].rstrip() + f" :weave-id {b.line}"
+    return "\n".join(lines)
+
+
+def pandoc(doc: tangle.Document, args: list[str], text: str) -> tuple[str, str]:
+    """Run the pandoc that pypandoc-binary ships: (stdout, stderr)."""
+    import subprocess
+    import pypandoc
+    run = subprocess.run([pypandoc.get_pandoc_path(), *args], input=text.encode("utf-8"),
+                         capture_output=True)
+    out, err = run.stdout.decode("utf-8"), run.stderr.decode("utf-8", "replace")
+    if run.returncode != 0:
+        m = re.search(r"line (\d+), column (\d+)\):\s*(.*)", err, re.S)
+        if m:
+            line, col = int(m.group(1)), int(m.group(2))
+            detail = " ".join(m.group(3).split("\n")[:2]).strip()
+            source = text.split("\n")[line - 1] if line <= text.count("\n") + 1 else ""
+            if '\\"' in source:
+                detail += ' (pandoc reads \\" as a LaTeX accent: write a plain " in prose)'
+            raise TangleError(doc.path, line, f"pandoc cannot read column {col}: {detail}")
+        raise TangleError(doc.path, None, f"pandoc failed: {err.strip()}")
+    return out, err
+
+
+def read_org(doc: tangle.Document, text: str) -> dict:
+    out, _ = pandoc(doc, ["--from=org", "--to=json"], text)
+    return json.loads(out)
+
+
+def el(t: str, c=None) -> dict:
+    return {"t": t} if c is None else {"t": t, "c": c}
+
+
+def typ(code: str) -> dict:
+    return el("RawInline", ["typst", code])
+
+
+def typ_block(code: str) -> dict:
+    return el("RawBlock", ["typst", code])
+
+
+def typ_str(s: str) -> str:
+    """A Typst string literal."""
+    out = []
+    for ch in s:
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 32 or ch == "\x7f":
+            out.append(f"\\u{{{ord(ch):x}}}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def stringify(x) -> str:
+    if isinstance(x, list):
+        return "".join(stringify(y) for y in x)
+    if isinstance(x, dict):
+        t, c = x.get("t"), x.get("c")
+        if t == "Str":
+            return c
+        if t in ("Space", "SoftBreak", "LineBreak"):
+            return " "
+        if t in ("Code", "Math", "RawInline"):
+            return c[1]
+        if t in ("Link", "Image", "Span"):
+            return stringify(c[1])
+        if t in ("Quoted",):
+            return stringify(c[1])
+        if t == "Cite":
+            return stringify(c[1])
+        return stringify(c) if isinstance(c, list) else ""
+    return ""
+
+
+def strip_tags(title: str) -> str:
+    """An Org heading's title without its :tags: and [#A] priority cookie."""
+    title = re.sub(r"[ \t]+:[\w@#%:]+:[ \t]*$", "", title)
+    return re.sub(r"^\[#.\][ \t]+", "", title)
+
+
+def untagged(inlines: list) -> list:
+    """A heading's inlines without pandoc's spans for Org :tags: (the book does not print them)."""
+    out = [x for x in inlines if not (x.get("t") == "Span" and "tag" in x["c"][0][1])]
+    while out and out[-1].get("t") in ("Space", "SoftBreak"):
+        out.pop()
+    return out
+
+
+def norm_title(s: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", s.lower())
+
+
+PART = re.compile(r"^(Part\b|Appendi)", re.I)
+ENV = re.compile(r"^\s*\\begin\{(equation|align|gather|multline|eqnarray)(\*?)\}(.*)\\end\{\1\2\}\s*$", re.S)
+LABEL = re.compile(r"\\label\{([^}]*)\}")
+REF = re.compile(r"^\s*\\(eqref|ref|autoref|cref|Cref)\{([^}]*)\}\s*$")
+BLOCK_TYPES = {"Plain", "Para", "LineBlock", "CodeBlock", "RawBlock", "BlockQuote", "OrderedList",
+               "BulletList", "DefinitionList", "Header", "HorizontalRule", "Table", "Figure", "Div"}
+
+
+class Rewriter:
+    """One pass over pandoc's AST that makes it a book."""
+
+    def __init__(self, book: Book, ast: dict, res: results.Results | None = None):
+        self.book, self.doc, self.ast = book, book.doc, ast
+        self.results = res or results.Results(book.doc, {})
+        self.lines = self.doc.lines
+        self.name = self.doc.path.name
+        self.root = self.doc.path.resolve().parent
+        self.cursor = 1                          # the Org line we are at, for markers
+        self.pieces = {p.id: p for p in book.pieces}
+        self.headings = [h for h in self.doc.headings if not h.commented]
+        self.heading_ids: dict[str, tuple[str, list]] = {}   # normalized title -> (id, inlines)
+        self.floats: dict[str, str] = {}          # #+name of figures and tables -> kind
+        self.equations: set[str] = set()
+        self.warnings: list[str] = []
+        self.dollar_lines: set[int | None] = set()   # lines already warned of a stray $
+
+    # -- helpers ------------------------------------------------------------
+    def mark(self, line: int | None = None) -> str:
+        return MARK.format(name=self.name, line=line or self.cursor)
+
+    def find_line(self, needle: str, start: int | None = None) -> int | None:
+        """The first Org line at or after `start` that contains needle (or anywhere)."""
+        first = needle.strip().split("\n")[0].strip()
+        if not first:
+            return None
+        begin = (start or self.cursor) - 1
+        for k in list(range(begin, len(self.lines))) + list(range(0, begin)):
+            if first in self.lines[k]:
+                return k + 1
+        return None
+
+    def advance(self, needle: str) -> int:
+        line = self.find_line(needle)
+        if line is not None and line >= self.cursor:
+            self.cursor = line
+        return line or self.cursor
+
+    def error(self, line: int | None, message: str) -> TangleError:
+        return TangleError(self.doc.path, line, message)
+
+    # -- the pass -------------------------------------------------------------
+    def run(self) -> list:
+        self.collect(self.ast["blocks"])
+        return self.sections(self.ast["blocks"])
+
+    def collect(self, blocks) -> None:
+        """Names that links can point at: headings, figures, tables, equation labels."""
+        def walk(x):
+            if isinstance(x, list):
+                for y in x:
+                    walk(y)
+            elif isinstance(x, dict):
+                t, c = x.get("t"), x.get("c")
+                if t == "Header":
+                    c[2] = untagged(c[2])
+                    self.heading_ids.setdefault(norm_title(stringify(c[2])), (c[1][0], c[2]))
+                elif t == "Figure" and c[0][0]:
+                    self.floats[c[0][0]] = "figure"
+                elif t == "Table" and c[0][0]:
+                    self.floats[c[0][0]] = "table"
+                elif t in ("RawInline", "RawBlock") and c[0] == "latex":
+                    for lab in LABEL.findall(c[1]):
+                        if lab in self.equations:
+                            hits = [k + 1 for k, s in enumerate(self.lines) if f"\\label{{{lab}}}" in s]
+                            raise self.error(hits[1] if len(hits) > 1 else None,
+                                             f"\\label{{{lab}}} is used twice")
+                        self.equations.add(lab)
+                if isinstance(c, (list, dict)):
+                    walk(c)
+        walk(blocks)
+
+    def sections(self, blocks: list) -> list:
+        """Top level: give headings their role (part, chapter, section), then the rest."""
+        out = []
+        demote = 0                  # a level-1 heading that is not a part is a chapter
+        unnumbered_from = None      # level of an UNNUMBERED non-part heading above us
+        in_main = False
+        heading_k = 0
+        for k, x in enumerate(blocks):
+            if x["t"] != "Header":
+                out += self.block(x)
+                continue
+            level, attr, inlines = x["c"]
+            title = stringify(inlines)
+            # The tangle heading this is (pandoc skips COMMENT subtrees, as tangle does).
+            h = None
+            for j in range(heading_k, len(self.headings)):
+                hj = self.headings[j]
+                if hj.level == level and norm_title(strip_tags(hj.title)) == norm_title(title):
+                    h, heading_k = hj, j + 1
+                    break
+            line = h.line if h else self.advance(title)
+            self.cursor = max(self.cursor, line)
+            props = h.props if h else {}
+            unnumbered = (props.get("unnumbered", (None, []))[0] or "nil").lower() not in ("nil", "")
+            rest_empty = k + 1 == len(blocks) or blocks[k + 1]["t"] == "Header"
+            if level == 1 and title.strip() == "Footnotes" and rest_empty:
+                continue        # Org's footnote section: Typst puts notes on their pages
+            if unnumbered_from is not None and level <= unnumbered_from:
+                unnumbered_from = None
+            classes = [c for c in attr[1] if c != "unnumbered"]
+            if level == 1 and PART.match(title):
+                demote = 0
+                if not in_main:
+                    out.append(typ_block("#show: mainmatter"))
+                    in_main = True
+                if unnumbered:
+                    out.append(typ_block("#show: appendices"))
+                new_level, numbered = 1, False
+            else:
+                if level == 1:
+                    demote = 1      # the Preface: a chapter, its sections one level down
+                new_level = level + demote
+                if unnumbered and unnumbered_from is None:
+                    unnumbered_from = level
+                numbered = unnumbered_from is None and new_level <= 4
+            if not numbered:
+                classes.append("unnumbered")
+            elif not in_main:       # a book without parts: page 1 is the first chapter's
+                out.append(typ_block("#show: mainmatter"))
+                in_main = True
+            out.append(typ_block(self.mark(line)))
+            out.append(el("Header", [new_level, [attr[0], classes, []], self.inlines(inlines)]))
+        return out
+
+    def blocks(self, xs: list) -> list:
+        out = []
+        for x in xs:
+            out += self.block(x)
+        return out
+
+    def block(self, x: dict) -> list:
+        t, c = x["t"], x.get("c")
+        if t == "CodeBlock":
+            return self.code(x)
+        if t == "RawBlock":
+            fmt, text = c
+            if fmt == "latex":
+                return [el("Para", self.latex(text))]
+            if fmt == "org":
+                return []       # #+PROPERTY lines, #+STARTUP and the like
+            return [x]
+        if t in ("Para", "Plain"):
+            if placed := self.placed_result(c):
+                return placed
+            return [el(t, self.inlines(c))]
+        if t == "Header":
+            return [el(t, [c[0], c[1], self.inlines(c[2])])]
+        if t == "Figure":
+            return [self.figure(x)]
+        if t == "Div" and "captioned-content" in c[0][1]:
+            # #+CAPTION on a source block: the caption in small italics, then the block.
+            caption = [b for b in c[1] if b["t"] == "Div" and "caption" in b["c"][0][1]]
+            rest = [b for b in c[1] if b not in caption]
+            text = [i for b in caption for p in b["c"][1] if p["t"] in ("Para", "Plain") for i in p["c"]]
+            head = [el("Plain", [typ("#block(below: 0em, sticky: true, small-note(emph[")]
+                        + self.inlines(text) + [typ("]))")])] if text else []
+            return head + self.blocks(rest)
+        if t == "Div":
+            return [el(t, [c[0], self.blocks(c[1])])]
+        if t == "BlockQuote":
+            return [el(t, self.blocks(c))]
+        if t in ("BulletList",):
+            return [el(t, [self.blocks(item) for item in c])]
+        if t == "OrderedList":
+            return [el(t, [c[0], [self.blocks(item) for item in c[1]]])]
+        if t == "DefinitionList":
+            return [el(t, [[self.inlines(term), [self.blocks(d) for d in defs]] for term, defs in c])]
+        if t == "LineBlock":
+            return [el(t, [self.inlines(line) for line in c])]
+        if t == "Table":
+            return [self.table(x)]
+        return [x]
+
+    def table(self, x: dict) -> dict:
+        attr, caption, colspecs, head, bodies, foot = x["c"]
+        self.advance("|")
+
+        def cells(rows):
+            return [[r[0], [[cell[0], cell[1], cell[2], cell[3], self.blocks(cell[4])]
+                            for cell in r[1]]] for r in rows]
+        # Org aligns a column right when most of its filled cells are numbers, else left.
+        number = re.compile(r"^[-+]?[\d.,_]+(e[-+]?\d+)?%?$", re.I)
+        rows = [r for b in bodies for r in b[3]]
+        specs = []
+        for k, (align, width) in enumerate(colspecs):
+            if align["t"] == "AlignDefault":
+                filled = [t for r in rows if k < len(r[1]) and (t := stringify(r[1][k][4]).strip())]
+                numeric = [t for t in filled if number.match(t)]
+                align = el("AlignRight" if numeric and 2 * len(numeric) >= len(filled) else "AlignLeft")
+            specs.append([align, width])
+        colspecs = specs
+        caption = [caption[0], self.blocks(caption[1])]
+        head = [head[0], cells(head[1])]
+        bodies = [[b[0], b[1], cells(b[2]), cells(b[3])] for b in bodies]
+        foot = [foot[0], cells(foot[1])]
+        return el("Table", [attr, caption, colspecs, head, bodies, foot])
+
+    def figure(self, x: dict) -> dict:
+        attr, caption, body = x["c"]
+        # #+ATTR_HTML: :width 60% lands on the Figure, where the Typst writer ignores it.
+        moved = [kv for kv in attr[2] if kv[0] in ("width", "height")]
+        def size(b):
+            if b.get("t") == "Image" and moved:  # before self.blocks() turns it into a list
+                a = b["c"][0]
+                b = el("Image", [[a[0], a[1], a[2] + moved], b["c"][1], b["c"][2]])
+            return b
+        body = [el(b["t"], [size(i) for i in b["c"]]) if b.get("t") in ("Plain", "Para") else b
+                for b in body]
+        attr = [attr[0], attr[1], [kv for kv in attr[2] if kv not in moved]]
+        return el("Figure", [attr, [caption[0], self.blocks(caption[1])], self.blocks(body)])
+
+    # -- code -----------------------------------------------------------------
+    def code(self, x: dict) -> list:
+        (_, classes, kvs), text = x["c"]
+        kv = dict(kvs)
+        if "weave-id" not in kv:
+            return [x]          # an example block or results: plain verbatim text
+        p = self.pieces.get(f"blk-{kv['weave-id']}")
+        if p is None:
+            # A block tangle skips (under a COMMENT heading) that pandoc kept.
+            return [el("CodeBlock", [["", classes, []], text])]
+        b = p.block
+        self.cursor = max(self.cursor, b.line)
+        book = self.book
+        args = []
+        if p.chunk:
+            args.append(f"name: {typ_str(display_name(p.chunk))}")
+            first = book.chunks[p.chunk][0]
+            if first is not p:
+                args.append("plus: true")
+        if p.target:
+            args.append(f"file: {typ_str(p.target)}")
+        prev, nxt = book.neighbours(p)
+        if prev:
+            args.append(f"prev: {typ_str(prev.id)}")
+        if nxt:
+            args.append(f"next: {typ_str(nxt.id)}")
+        used = []
+        for u in book.used_in(p):
+            if not u.visible:
+                continue
+            what = (f"chunk-name({typ_str(display_name(u.chunk))})" if u.chunk
+                    else f"raw({typ_str(u.target)})" if u.target else "[a block]")
+            used.append(f"({what}, {typ_str(u.id)})")
+        if used:
+            args.append(f"used: ({', '.join(used)},)")
+        if p.refs:
+            args.append("noweb: chunk-targets")
+        lang = b.lang
+        args.append(f"lang: {typ_str(lang)}")
+        # The body as Org gives it (escapes and common indentation removed).
+        body = "\n".join(b.body)
+        code = f"raw(block: true, lang: {typ_str(lang)}, {typ_str(body)})"
+        return [typ_block(f"{self.mark(b.line)}\n#metadata(\"chunk\") <{p.id}>\n"
+                          f"#chunk({', '.join(args)}, {code})")]
+
+    # -- inlines --------------------------------------------------------------
+    def inlines(self, xs: list) -> list:
+        out = []
+        for k, x in enumerate(xs):
+            if x.get("t") == "Str" and "$" in x["c"] and x["c"].strip() != "$":
+                self.stray_dollar(xs[k:k + 6])    # (a lone "$" closes one already reported)
+            out += self.inline(x)
+        return out
+
+    def stray_dollar(self, xs: list) -> None:
+        """Warn about a $ that is not math: `$x $` or `$ x$` are plain text in Org."""
+        flat = [" ".join(s.split()) for s in self.lines]
+        context, lines = stringify(xs), []
+        while len(context) >= len(xs[0]["c"]) and not lines:
+            lines = [k + 1 for k, s in enumerate(flat) if context in s]
+            context = context[:-1]
+        line = next((n for n in lines if n not in self.dollar_lines), lines[0] if lines else None)
+        self.dollar_lines.add(line)
+        self.warnings.append(f"{self.name}:{line or '?'}: a $ that is not math: {xs[0]['c']!r} "
+                             "(Org reads $x$ only with no space just inside the dollars)")
+
+    def inline(self, x: dict) -> list:
+        t, c = x["t"], x.get("c")
+        if t == "Span" and "spurious-link" in c[0][1]:
+            return self.link(dict(c[0][2]).get("target", ""), c[1])
+        if t == "RawInline" and c[0] == "latex":
+            return self.latex(c[1])
+        if t == "Math":
+            line = self.advance(c[1])
+            return [typ(self.mark(line)), x]
+        if t == "Image":
+            return self.image(x)
+        if t in ("Emph", "Strong", "Strikeout", "Superscript", "Subscript", "SmallCaps", "Underline"):
+            return [el(t, self.inlines(c))]
+        if t == "Span":
+            return [el(t, [c[0], self.inlines(c[1])])]
+        if t == "Link" and c[2][0].startswith("result:"):
+            return self.result_link(c[2][0][len("result:"):], c[1])
+        if t == "Link":
+            url = c[2][0]
+            if url.startswith("#") and stringify(c[1]).strip() in ("", url):
+                # [[#custom-id]] without a description: show what it points to.
+                title = next((inl for ident, inl in self.heading_ids.values() if ident == url[1:]), None)
+                if title is not None:
+                    return [el(t, [c[0], [el("Emph", self.inlines(title))], c[2]])]
+            return [el(t, [c[0], self.inlines(c[1]), c[2]])]
+        if t == "Quoted":
+            return [el(t, [c[0], self.inlines(c[1])])]
+        if t == "Note":
+            return [el(t, self.blocks(c))]
+        if t == "Cite":
+            return [el(t, [c[0], self.inlines(c[1])])]
+        return [x]
+
+    # -- results --------------------------------------------------------------
+    def result_value(self, ref: str):
+        line = self.find_line(f"[[result:{ref}]")
+        if line:
+            self.cursor = max(self.cursor, line)
+        try:
+            return line, results.lookup(self.results, ref)
+        except KeyError as e:
+            raise self.error(line, f"[[result:{ref}]]: {e.args[0]}") from None
+
+    def result_link(self, ref: str, content: list) -> list:
+        """[[result:NAME.KEY][as written]]: the value the code computes, in the written format."""
+        desc = stringify(content)
+        desc = None if desc.strip() == f"result:{ref}" else desc
+        line, value = self.result_value(ref)
+        if isinstance(value, (list, dict)):
+            raise self.error(line, f"[[result:{ref}]] is a table: place it alone in a paragraph")
+        if desc is not None and not results.agrees(value, desc):
+            self.warnings.append(f"{self.name}:{line}: [[result:{ref}]]: the prose says {desc!r}, "
+                                 f"the code computes {results.render(value, desc)!r}; the book "
+                                 "prints the computed value")
+        return [typ(self.mark(line)), el("Str", results.render(value, desc))]
+
+    def placed_result(self, inlines: list) -> list | None:
+        """A paragraph holding only [[result:NAME]] of a table or multi-line text: the table."""
+        real = [x for x in inlines if x.get("t") not in ("Space", "SoftBreak")]
+        if len(real) != 1 or real[0].get("t") != "Link" or \
+                not real[0]["c"][2][0].startswith("result:"):
+            return None
+        ref = real[0]["c"][2][0][len("result:"):]
+        line, value = self.result_value(ref)
+        if isinstance(value, str) and "\n" in value:
+            return [typ_block(self.mark(line)), el("CodeBlock", [["", [], []], value.rstrip("\n")])]
+        if not isinstance(value, list):
+            return None
+        if not value or not all(isinstance(r, list) and len(r) == len(value[0]) for r in value):
+            raise self.error(line, f"[[result:{ref}]]: a table is a list of rows of equal length, "
+                             "the first the header")
+
+        def row(cells):
+            return [["", [], []], [[["", [], []], el("AlignDefault"), 1, 1,
+                                    [el("Plain", [el("Str", results.render(v))])]] for v in cells]]
+        table = el("Table", [["", [], []], [None, []],
+                             [[el("AlignDefault"), el("ColWidthDefault")] for _ in value[0]],
+                             [["", [], []], [row(value[0])]],
+                             [[["", [], []], 0, [], [row(r) for r in value[1:]]]],
+                             [["", [], []], []]])
+        cursor = self.cursor
+        table = self.table(table)
+        self.cursor = cursor                # table() looks for its | lines: there are none
+        return [typ_block(self.mark(line)), table]
+
+    def image(self, x: dict) -> list:
+        attr, alt, (url, title) = x["c"]
+        if re.match(r"^[a-z][a-z0-9+.-]*://", url):
+            raise self.error(self.find_line(url), f"remote image {url}: the book needs a local file")
+        path = url[5:] if url.startswith("file:") else url
+        line = self.advance(path)
+        real = (self.root / path).resolve()
+        if not real.is_file():
+            raise self.error(line, f"image {path} not found (looked for {real})")
+        try:
+            rel = real.relative_to(self.root).as_posix()
+        except ValueError:
+            raise self.error(line, f"image {path} is outside the book's folder") from None
+        return [typ(self.mark(line)), el("Image", [attr, self.inlines(alt), ["/" + rel, title]])]
+
+    def link(self, target: str, content: list) -> list:
+        """[[*Heading]], [[name]] and [[name][description]]: real links, or an error."""
+        shown = stringify(content)
+        described = shown.strip() != target.strip()
+        desc = self.inlines(content) if described else None
+        line = self.find_line(f"[[{target}")
+        if line:
+            self.cursor = max(self.cursor, line)
+        mark = typ(self.mark(line))
+        name = target[1:] if target.startswith("*") else target
+        if not target.startswith("*"):
+            if target in self.book.chunks:
+                p = self.book.first_definition(target)
+                if p is None:
+                    raise self.error(line, f"[[{target}]]: chunk {target} is never shown "
+                                     "(all its blocks are :exports none)")
+                if desc:
+                    return [mark, el("Link", [["", [], []], desc, ["#" + p.id, ""]])]
+                name = typ_str(display_name(target))
+                return [mark, typ(f"#chunk-name({name}, dest: {typ_str(p.id)})")]
+            if target in self.floats or target in self.equations:
+                if desc:
+                    return [mark, el("Link", [["", [], []], desc, ["#" + target, ""]])]
+                # As Org exports it: the number alone ("Table [[tab-x]]" -> "Table 2").
+                return [mark, typ(f"#ref(label({typ_str(target)}), supplement: none)")]
+        hit = self.heading_ids.get(norm_title(name))
+        if hit:
+            ident, inlines = hit
+            body = desc or [el("Emph", self.inlines(inlines))]
+            return [mark, el("Link", [["", [], []], body, ["#" + ident, ""]])]
+        what = ("no heading titled" if target.startswith("*")
+                else "no chunk, figure, table or heading named")
+        # Org's export stops on a broken link unless #+OPTIONS: broken-links:t or :mark.
+        broken = org_options(self.doc).get("broken-links", "nil")
+        if broken == "mark":
+            self.warnings.append(f"{self.name}:{line}: [[{target}]]: {what} {name!r}")
+            return [mark, el("Strong", [el("Str", f"[BROKEN LINK: {target}]")])]
+        if broken == "t":
+            return [mark] + (desc or [el("Emph", [el("Str", name)])])
+        raise self.error(line, f"[[{target}]]: {what} {name!r} (while chapters are missing, "
+                         "#+OPTIONS: broken-links:mark weaves anyway)")
+
+    def latex(self, text: str) -> list:
+        """Raw LaTeX pandoc kept: equation environments and \\eqref; anything else is dropped."""
+        line = self.advance(text)
+        mark = typ(self.mark(line))
+        if m := ENV.match(text):
+            env, star, inner = m.groups()
+            labels = LABEL.findall(inner)
+            inner = LABEL.sub("", inner)
+            inner = re.sub(r"\\(nonumber|notag)\b", "", inner).strip()
+            if env in ("align", "eqnarray"):
+                inner = f"\\begin{{aligned}}{inner}\\end{{aligned}}"
+            elif env in ("gather", "multline"):
+                inner = f"\\begin{{gathered}}{inner}\\end{{gathered}}"
+            math = el("Math", [el("DisplayMath"), inner])
+            if star:
+                return [mark, math]
+            if len(labels) > 1:
+                raise self.error(line, f"one \\label per equation, got {', '.join(labels)}")
+            tail = f" <{labels[0]}>" if labels and re.fullmatch(r"[\w:.-]+", labels[0]) else ""
+            if labels and not tail:
+                raise self.error(line, f"\\label{{{labels[0]}}}: use letters, digits and - _ : . only")
+            return [mark, typ("#numbered["), math, typ(tail + "]")]
+        if m := REF.match(text):
+            kind, lab = m.groups()
+            if lab not in self.equations and lab not in self.floats:
+                raise self.error(line, f"\\{kind}{{{lab}}}: no \\label{{{lab}}} in the book")
+            sup = ", supplement: none" if kind == "eqref" else ""
+            return [mark, typ(f"#ref(label({typ_str(lab)}){sup})")]
+        self.warnings.append(f"{self.name}:{line}: raw LaTeX the book cannot typeset, left out: "
+                             f"{text.strip()[:60]}")
+        return []
+
+
+# ---------------------------------------------------------------------------
+# 3. Typeset
+# ---------------------------------------------------------------------------
+
+# Symbol names pandoc 3.9 writes that the Typst of the `typst` wheel (0.15) no longer knows,
+# found by converting every math character of Unicode's math blocks and compiling the result.
+# Each becomes its character, which Typst takes as it is.
+TYPST_RENAMED = {
+    "sect": "\u2229", "sect.sq": "\u2293", "minus.circle": "\u2296", "times.circle": "\u2297",
+    "dot.circle": "\u2299", "eq.circle": "\u229c", "dash.circle": "\u229d",
+    "sect.big": "\u22c2", "sect.double": "\u22d2", "bracket.l.double": "\u27e6",
+    "bracket.r.double": "\u27e7", "shell.l.double": "\u27ec", "shell.r.double": "\u27ed",
+    "plus.circle.arrow": "\u27f4", "brace.l.double": "\u2983", "brace.r.double": "\u2984",
+    "paren.l.double": "\u2985", "paren.r.double": "\u2986", "angle.right.sq": "\u299c",
+    "angle.spheric.top": "\u29a1", "angle.oblique": "\u29a6", "bar.v.circle": "\u29b6",
+    "parallel.circle": "\u29b7", "backslash.circle": "\u29b8", "perp.circle": "\u29b9",
+    "lt.circle": "\u29c0", "gt.circle": "\u29c1", "dot.circle.big": "\u2a00",
+    "times.circle.big": "\u2a02", "sect.sq.big": "\u2a05", "integral.sect": "\u2a19",
+    "div.circle": "\u2a38", "sect.dot": "\u2a40", "sect.and": "\u2a44",
+    "sect.sq.double": "\u2a4e", "quote.angle.l.double": "\u00ab",
+    "quote.angle.r.double": "\u00bb",
+
+}
+SYMBOL_NAME = re.compile(r"(?<![\w.])[a-z]+(?:\.[a-z]+)*")
+
+
+def fix_math(typst_math: str) -> str:
+    """Replace outdated symbol names, outside the quoted strings of upright text."""
+    def repl(m):
+        parts = m.group(0).split(".")
+        for k in range(len(parts), 0, -1):
+            name = ".".join(parts[:k])
+            if name in TYPST_RENAMED:
+                return TYPST_RENAMED[name] + "".join("." + p for p in parts[k:])
+        return m.group(0)
+    pieces = re.split(r'("(?:\\.|[^"\\])*")', typst_math)
+    for k in range(0, len(pieces), 2):
+        pieces[k] = SYMBOL_NAME.sub(repl, pieces[k])
+    return "".join(pieces)
+
+
+def write_typst(doc: tangle.Document, ast: dict) -> str:
+    """Pandoc's Typst writer, with every formula converted on its own and fixed up.
+
+    Each Math node is replaced by a placeholder, and its TeX goes to a paragraph of its
+    own after the book, so one pandoc run converts both and each formula comes back
+    alone. TeX that pandoc cannot convert is an error at its Org line (pandoc would print
+    the TeX source into the book and only warn).
+    """
+    nodes = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if x.get("t") == "Math":
+                nodes.append(dict(x))
+                x.clear()
+                x.update(t="RawInline", c=["typst", f"WEAVE-MATH-{len(nodes) - 1}."])
+            else:
+                walk(x.get("c"))
+        elif isinstance(x, list):
+            for y in x:
+                walk(y)
+    walk(ast["blocks"])
+    tail = [el("Para", [el("Str", "WEAVE-MATHS-FOLLOW")])]
+    for k, n in enumerate(nodes):
+        tail += [el("Para", [el("Str", f"WEAVE-MATH-{k}")]),
+                 el("Para", [el("Math", [el("InlineMath"), n["c"][1]])])]
+    ast = dict(ast, blocks=ast["blocks"] + tail)
+    out, err = pandoc(doc, ["--from=json", "--to=typst", "--wrap=none"], json.dumps(ast))
+    for m in re.finditer(r"Could not convert TeX math (.*?), rendering as TeX:\n(.*?)(?=\n\S|\Z)",
+                         err, re.S):
+        tex = m.group(1).strip()
+        line = next((k + 1 for k, s in enumerate(doc.lines) if tex.split("\n")[0].strip() in s), None)
+        why = m.group(2).strip().split("\n")
+        reason = why[2].strip() if len(why) > 2 else ""
+        raise TangleError(doc.path, line, f"pandoc cannot turn this math into Typst: {tex} ({reason})")
+    body, _, maths = out.partition("WEAVE-MATHS-FOLLOW")
+    pieces = re.split(r"^WEAVE-MATH-(\d+)[ \t]*$", maths, flags=re.M)
+    typst_math = {}
+    for k in range(1, len(pieces), 2):
+        text = pieces[k + 1].strip()
+        assert text.startswith("$") and text.endswith("$"), text
+        inner = fix_math(text[1:-1])
+        display = nodes[int(pieces[k])]["c"][0]["t"] == "DisplayMath"
+        typst_math[pieces[k]] = f"$ {inner.strip()} $" if display else f"${inner}$"
+    body = re.sub(r"WEAVE-MATH-(\d+)\.", lambda m: typst_math[m.group(1)], body)
+    # The writer puts figure captions on lines of their own: the newlines would print as spaces.
+    return re.sub(r"caption: \[\n\s*(.*?)\n\s*\]", r"caption: [\1]", body)
+
+
+def org_keyword(doc: tangle.Document, key: str) -> str | None:
+    pat = re.compile(rf"^#\+{key}:[ \t]*(.*?)[ \t]*$", re.I)
+    for line in doc.lines:
+        if m := pat.match(line):
+            return m.group(1)
+    return None
+
+
+def org_options(doc: tangle.Document) -> dict[str, str]:
+    """`#+OPTIONS: key:value ...` lines, merged."""
+    out = {}
+    for line in doc.lines:
+        if m := re.match(r"^#\+options:(.*)$", line, re.I):
+            for item in m.group(1).split():
+                key, _, value = item.partition(":")
+                out[key.lower()] = value
+    return out
+
+
+def index_source(book: Book) -> str:
+    """The chunk index and the list of files, as Typst (each only if it has entries)."""
+    def ids(pieces: list[Piece]) -> str:
+        return ", ".join(typ_str(p.id) for p in pieces) + ","
+
+    chunks = []
+    for name in sorted(book.chunks, key=lambda n: display_name(n).casefold()):
+        shown = book.shown(book.chunks[name])
+        if not shown:
+            continue
+        users = [u for u in book.users.get(name, []) if u.visible]
+        used = f"[used #pages-of(({ids(users)}))]" if users else "[not used]"
+        chunks.append(f"#index-entry(chunk-name({typ_str(display_name(name))}, "
+                      f"dest: {typ_str(shown[0].id)}), [defined #pages-of(({ids(shown)}))], {used})")
+    files = [f"#index-entry(raw({typ_str(target)}), [#pages-of(({ids(book.shown(pieces))}))])"
+             for target, pieces in sorted(book.files.items()) if book.shown(pieces)]
+    out = []
+    if chunks:
+        out += ["", "#heading(level: 2, numbering: none)[Index of chunks]", "",
+                "Each chunk: the pages where it is defined, then the pages of the blocks that use it.",
+                "", "#columns(2, gutter: 1.5em)[", *chunks, "]"]
+    if files:
+        out += ["", "#heading(level: 2, numbering: none)[Files the book builds]", "",
+                "Each file: the pages of its blocks, in the order they are written to it.", "", *files]
+    return "\n".join(out) + "\n"
+
+
+def typst_source(book: Book, body: str) -> str:
+    doc = book.doc
+    targets = []
+    for name in sorted(book.chunks):
+        p = book.first_definition(name)
+        targets.append(f"  {typ_str(name)}: {typ_str(p.id) if p else 'none'},")
+    meta = {k: org_keyword(doc, k) for k in ("title", "subtitle", "author")}
+    args = ", ".join(f"{k}: {typ_str(v) if v else 'none'}" for k, v in meta.items())
+    return (TEMPLATE.read_text(encoding="utf-8")
+            + f"\n// ---- generated by weave.py from {doc.path.name} ----\n"
+            + "#let chunk-targets = (\n" + "\n".join(targets or ["  :"]) + "\n)\n"
+            + f"#show: book.with({args})\n\n"
+            + body + index_source(book))
+
+
+def org_line_of(source: str, line: int, column: int | None) -> int | None:
+    """The Org line nearest before line:column of the Typst source, from its markers."""
+    lines = source.split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    here = lines[line - 1][: (column or 10**9)]
+    found = MARK_RE.findall(here)
+    if found:
+        return int(found[-1])
+    for k in range(line - 2, -1, -1):
+        found = MARK_RE.findall(lines[k])
+        if found:
+            return int(found[-1])
+    return None
+
+
+def explain_typst(org: Path, source: str, text: str, head: int) -> tuple[int | None, str]:
+    """A Typst diagnostic, with the Org line its first location in the generated part maps to."""
+    for m in re.finditer(r"\.typ:(\d+):(\d+)", text):
+        line, col = int(m.group(1)), int(m.group(2))
+        if line > head:
+            return org_line_of(source, line, col), text
+    return None, text
+
+
+def missing_glyphs(doc: tangle.Document) -> list[str]:
+    """Warnings for CJK ideographs and emoji that no font of the book has (see pdf/fonts)."""
+    try:
+        from fontTools.ttLib import TTFont
+    except ImportError:
+        return []
+    sys.path.insert(0, str(FONTS))
+    try:
+        from subset import is_cjk, is_emoji
+    finally:
+        sys.path.remove(str(FONTS))
+    have: set[int] = set()
+    for f in sorted(FONTS.glob("*.[ot]tf")):
+        have |= set(TTFont(f, lazy=True).getBestCmap())
+    out, seen = [], set()
+    for k, line in enumerate(doc.lines):
+        for ch in line:
+            cp = ord(ch)
+            if cp > 0x2E7F and cp not in have and cp not in seen and cp not in (0x200D, 0xFE0F) \
+                    and (is_cjk(cp) or is_emoji(cp)):
+                seen.add(cp)
+                out.append(f"{doc.path.name}:{k + 1}: no font of the book has {ch} (U+{cp:04X}); "
+                           "run pdf/fonts/subset.py (see its docstring)")
+    return out
+
+
+def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
+    import typst
+    doc = book.doc
+    head = TEMPLATE.read_text(encoding="utf-8").count("\n") + 1
+    try:
+        pdf, warnings = typst.compile_with_warnings(
+            source.encode("utf-8"), root=str(doc.path.resolve().parent),
+            font_paths=[str(FONTS)], ignore_system_fonts=True, timestamp=0)
+    except typst.TypstError as e:
+        text = "\n".join(filter(None, [e.diagnostic, *(getattr(e, "trace", None) or [])]))
+        line, text = explain_typst(doc.path, source, text, head)
+        if typ_path:
+            text = re.sub(r"\S*__typst_py_bytes__\.typ", str(typ_path), text)
+        raise TangleError(doc.path, line, f"Typst cannot typeset this: {e.message}\n"
+                          f"Typst says (about the source it was given, kept in {typ_path}):\n"
+                          f"{text.rstrip()}") from None
+    for w in warnings or []:
+        text = getattr(w, "diagnostic", None) or str(w)
+        line, _ = explain_typst(doc.path, source, text, head)
+        print(f"{doc.path.name}:{line or '?'}: warning: {getattr(w, 'message', text)}", file=sys.stderr)
+    return pdf
+
+
+def book_source(org: Path) -> tuple[Book, str]:
+    """The model of the book and the whole Typst source, in memory."""
+    doc = tangle.parse(Path(org))
+    tangle.tangle_document(doc)         # the book must tangle: same errors, same lines
+    book = book_model(doc)
+    ast = read_org(doc, marked_source(doc))
+    shown = set()
+
+    def find_ids(x):
+        if isinstance(x, dict):
+            if x.get("t") == "CodeBlock" and (id_ := dict(x["c"][0][2]).get("weave-id")):
+                shown.add(f"blk-{id_}")
+            for v in x.values():
+                find_ids(v)
+        elif isinstance(x, list):
+            for v in x:
+                find_ids(v)
+    find_ids(ast["blocks"])
+    for p in book.pieces:
+        p.visible = p.id in shown       # pandoc drops :exports none blocks
+    res = results.load(doc)             # cheap results run now, frozen ones are read
+    rewriter = Rewriter(book, ast, res)
+    ast["blocks"] = rewriter.run()
+    for w in res.warnings + rewriter.warnings + missing_glyphs(book.doc):
+        print(f"warning: {w}", file=sys.stderr)
+    return book, typst_source(book, write_typst(doc, ast))
+
+
+def weave(org: Path, output: Path | None = None, keep_typst: bool = False) -> Path:
+    """llm.org -> PDF. Writes no PDF unless everything succeeded, and never half of one."""
+    org = Path(org)
+    book, source = book_source(org)
+    output = Path(output) if output else org.resolve().parent / "pdf" / f"{org.stem}.pdf"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    typ_path = output.with_suffix(".typ")
+    try:
+        pdf = compile_pdf(book, source, typ_path)
+    except TangleError:
+        tangle.atomic_write(typ_path, source.encode("utf-8"), 0o644)   # for the diagnostic
+        raise
+    if keep_typst:
+        tangle.atomic_write(typ_path, source.encode("utf-8"), 0o644)
+    tangle.atomic_write(output, pdf, 0o644)
+    return output
+
+
+def main(args) -> int:
+    """`tangle.py weave`: args.org, args.output, args.typst (TangleError is reported by tangle.py)."""
+    try:
+        out = weave(args.org, args.output, args.typst)
+    except TangleError as e:
+        # tangle.py runs as __main__, so its own `except TangleError` names another class.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
