@@ -170,3 +170,13 @@ def test_bad_settings_stop_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m llm prepare"):
         train.train(train.TrainConfig(data=str(tmp_path / "none"), out=str(tmp_path / "run")),
                     model.PRESETS["tiny"])
+
+
+def test_pick_device_refuses_unknown_and_missing_devices():
+    from llm.train import pick_device
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="'gpu' is not a device"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda: not available here"):
+            pick_device("cuda")
