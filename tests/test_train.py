@@ -180,3 +180,13 @@ def test_pick_device_refuses_unknown_and_missing_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda: not available here"):
             pick_device("cuda")
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    from llm.__main__ import main
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--max-steps", "3", "--out", str(out)]) == 2
+    assert "python -m llm train: error: warmup_steps must be in [0, max_steps=3]" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--device", "gpu", "--out", str(out)]) == 2
+    assert "'gpu' is not a device" in capsys.readouterr().err
+    assert not out.exists()
