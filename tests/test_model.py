@@ -339,6 +339,19 @@ def scale_up(module: nn.Module, seed: int) -> None:
             p.copy_(1.0 + 0.3 * noise if is_gain else 0.2 * noise)
 
 
+def assert_same_logits(config, ours: dict, hf) -> None:
+    """Our model with the copied weights ours == the transformers model hf, on every path."""
+    idx = torch.randint(0, config.vocab_size, (3, config.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        assert expected.std() > 1.0
+        for attention in ("explicit", "sdpa"):
+            for fused_ops in (False, True):
+                model = M.GPT(dataclasses.replace(config, attention=attention, fused_ops=fused_ops))
+                model.load_state_dict(ours)
+                assert (model(idx)[0] - expected).abs().max() < 1e-5
+
+
 def test_gpt2_config_equals_transformers_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
     config = small(**GPT2_LIKE, attention="explicit", block_size=32, n_layers=3)
@@ -359,15 +372,7 @@ def test_gpt2_config_equals_transformers_gpt2():
             w = sd[f"transformer.h.{i}.{theirs}.weight"]
             ours[f"blocks.{i}.{mine}.weight"] = w if "norm" in mine else w.T   # Conv1D: (in, out)
             ours[f"blocks.{i}.{mine}.bias"] = sd[f"transformer.h.{i}.{theirs}.bias"]
-    idx = torch.randint(0, config.vocab_size, (3, config.block_size), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = hf(idx).logits
-        assert expected.std() > 1.0
-        for attention in ("explicit", "sdpa"):
-            for fused_ops in (False, True):
-                model = M.GPT(dataclasses.replace(config, attention=attention, fused_ops=fused_ops))
-                model.load_state_dict(ours)
-                assert (model(idx)[0] - expected).abs().max() < 1e-5
+    assert_same_logits(config, ours, hf)
 
 
 def test_llama_config_equals_transformers_llama():
@@ -393,12 +398,4 @@ def test_llama_config_equals_transformers_llama():
         ours[f"blocks.{i}.mlp_norm.weight"] = sd[h + "post_attention_layernorm.weight"]
         for p in ("gate", "up", "down"):
             ours[f"blocks.{i}.mlp.{p}_proj.weight"] = sd[h + f"mlp.{p}_proj.weight"]
-    idx = torch.randint(0, config.vocab_size, (3, config.block_size), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = hf(idx).logits
-        assert expected.std() > 1.0
-        for attention in ("explicit", "sdpa"):
-            for fused_ops in (False, True):
-                model = M.GPT(dataclasses.replace(config, attention=attention, fused_ops=fused_ops))
-                model.load_state_dict(ours)
-                assert (model(idx)[0] - expected).abs().max() < 1e-5
+    assert_same_logits(config, ours, hf)
