@@ -28,8 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tangle
-from tangle import TangleError
+import literate
+from literate import TangleError
 
 RESULTS_DIR = "pdf/results"
 # [[result:NAME.KEY]] or [[result:NAME.KEY][description]], not inside =verbatim= or ~code~.
@@ -62,7 +62,7 @@ json.dump(out, open(sys.argv[2], "w"))
 class Spec:
     """One result block."""
     name: str
-    block: tangle.Block
+    block: literate.Block
     frozen: bool
     inputs: list[str]
 
@@ -82,7 +82,7 @@ class Spec:
 @dataclass
 class Results:
     """Every result of a document: values, where they came from, and what is stale."""
-    doc: tangle.Document
+    doc: literate.Document
     specs: dict[str, Spec]
     values: dict[str, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -98,7 +98,7 @@ class Results:
         return self.root / RESULTS_DIR / f"{name}.png"
 
 
-def specs_of(doc: tangle.Document) -> dict[str, Spec]:
+def specs_of(doc: literate.Document) -> dict[str, Spec]:
     """The result blocks of a resolved document, by name."""
     out = {}
     for b in doc.blocks:
@@ -113,7 +113,7 @@ def specs_of(doc: tangle.Document) -> dict[str, Spec]:
         if b.params.get("tangle", "no") != "no":
             raise TangleError(doc.path, b.line, f"result {b.name} is tangled to "
                               f"{b.params['tangle']}: give it :tangle no")
-        if any(tangle.NOWEB_REF.search(line) for line in b.body) and b.params["noweb"] != "no":
+        if any(literate.NOWEB_REF.search(line) for line in b.body) and b.params["noweb"] != "no":
             raise TangleError(doc.path, b.line, f"result {b.name}: noweb references are not "
                               "supported in results; import from the package instead")
         inputs = b.params.get("inputs", "").split()
@@ -126,7 +126,7 @@ def run(res: Results, specs: list[Spec]) -> dict[str, object]:
     if not specs:
         return {}
     # The blocks import the package: it must be tangled from this very document.
-    tangle.write_outputs(res.doc.path, tangle.tangle_document(res.doc))
+    literate.write_outputs(res.doc.path, literate.tangle_document(res.doc))
     (res.root / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     jobs = [{"name": s.name, "code": s.code, "line": s.block.line, "file": str(res.doc.path),
              "figure": str(res.figure_path(s.name))} for s in specs]
@@ -148,7 +148,7 @@ def run(res: Results, specs: list[Spec]) -> dict[str, object]:
     return values
 
 
-def load(doc: tangle.Document) -> Results:
+def load(doc: literate.Document) -> Results:
     """Cheap results computed now, frozen ones read from their records (warning if stale)."""
     specs = specs_of(doc)
     res = Results(doc, specs)
@@ -188,7 +188,7 @@ def staleness(res: Results, s: Spec, record: dict) -> str | None:
     return None
 
 
-def record(doc: tangle.Document, names: list[str] | None = None) -> list[str]:
+def record(doc: literate.Document, names: list[str] | None = None) -> list[str]:
     """Recompute frozen results (all, or those named) and write their records."""
     specs = specs_of(doc)
     res = Results(doc, specs)
@@ -208,7 +208,7 @@ def record(doc: tangle.Document, names: list[str] | None = None) -> list[str]:
         if fig.is_file():
             files[fig.name] = hashlib.sha256(fig.read_bytes()).hexdigest()
         data = {"name": s.name, **s.hashes(res.root), "files": files, "value": values[s.name]}
-        tangle.atomic_write(res.record_path(s.name),
+        literate.atomic_write(res.record_path(s.name),
                             (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), 0o644)
         written.append(str(res.record_path(s.name).relative_to(res.root)))
     return written
@@ -265,7 +265,7 @@ class Citation:
     desc: str | None
 
 
-def citations(doc: tangle.Document) -> list[Citation]:
+def citations(doc: literate.Document) -> list[Citation]:
     """Every [[result:...]] link in the prose (not in blocks), with its line."""
     text = "\n".join(doc.lines)
     in_block = set()
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         args.names.insert(0, str(args.org))
         args.org = Path("llm.org")
     try:
-        doc = tangle.parse(args.org)
-        tangle.resolve(doc)
+        doc = literate.parse(args.org)
+        literate.resolve(doc)
         if args.check:
             res = load(doc)
             for w in res.warnings:

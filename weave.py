@@ -1,8 +1,9 @@
 """weave.py: the book. `python tangle.py weave llm.org` -> pdf/llm.pdf.
 
 The route has three steps, each a section below:
-  1. model    tangle.py's own reading of llm.org: every source block with its resolved
-              header arguments, the chunk it adds to, the file it goes to, who uses it
+  1. model    the core's reading of llm.org (literate.py, as tangle uses it): every source
+              block with its resolved header arguments, the chunk it adds to, the file
+              it goes to, who uses it
   2. rewrite  pandoc reads llm.org into its JSON AST; a pass over that AST puts the
               model's labels on the code blocks and repairs what pandoc's Org reader
               leaves raw (equation environments, [[*Heading]] and [[name]] links)
@@ -11,7 +12,7 @@ The route has three steps, each a section below:
 
 Tangling never reads pandoc's AST (the Org reader drops `:exports none` blocks and
 knows nothing of inherited header arguments); the weave reads both, and takes every
-fact about code (names, targets, continuations) from tangle.py.
+fact about code (names, targets, continuations) from literate.py, the core below it.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import results
-import tangle
-from tangle import TangleError
+import literate
+from literate import TangleError
 
 TEMPLATE = Path(__file__).resolve().parent / "pdf" / "book.typ"
 FONTS = TEMPLATE.parent / "fonts"       # CJK and emoji glyphs the wheel's fonts lack
@@ -32,13 +33,13 @@ MARK_RE = re.compile(r"/\* [^:*]+:(\d+) \*/")
 
 
 # ---------------------------------------------------------------------------
-# 1. The model: what tangle.py knows about every block
+# 1. The model: what the core (literate.py) knows about every block
 # ---------------------------------------------------------------------------
 
 @dataclass
 class Piece:
     """One source block as the book shows it."""
-    block: tangle.Block
+    block: literate.Block
     id: str                               # its Typst label, blk-LINE
     chunk: str | None                     # the #+name or :noweb-ref it defines
     target: str | None                    # the file it is tangled to
@@ -48,7 +49,7 @@ class Piece:
 
 @dataclass
 class Book:
-    doc: tangle.Document
+    doc: literate.Document
     pieces: list[Piece]                   # every live block, in document order
     chunks: dict[str, list[Piece]]        # chunk name -> its blocks, in document order
     files: dict[str, list[Piece]]         # target -> its blocks, in document order
@@ -81,17 +82,17 @@ class Book:
         return self.users.get(p.chunk, []) if p.chunk else []
 
 
-def book_model(doc: tangle.Document) -> Book:
+def book_model(doc: literate.Document) -> Book:
     """Blocks, chunks, files and uses, from a parsed and resolved document."""
     live = [b for b in doc.blocks if not b.commented]
     pieces = []
     for b in live:
         chunk = b.name or b.params.get("noweb-ref")
-        target = tangle.target_of(doc, b)
+        target = literate.target_of(doc, b)
         refs = []
         if b.params.get("noweb", "no") != "no":
             for line in b.body:
-                refs += [m.group(3) for m in tangle.NOWEB_REF.finditer(line)]
+                refs += [m.group(3) for m in literate.NOWEB_REF.finditer(line)]
         pieces.append(Piece(b, f"blk-{b.line}", chunk, target, list(dict.fromkeys(refs))))
     # As tangle's Expander reads them: a #+name is one block; a :noweb-ref gathers blocks.
     chunks: dict[str, list[Piece]] = {}
@@ -121,7 +122,7 @@ def display_name(chunk: str) -> str:
 # 2. Rewrite pandoc's AST
 # ---------------------------------------------------------------------------
 
-def marked_source(doc: tangle.Document) -> str:
+def marked_source(doc: literate.Document) -> str:
     """llm.org with `:weave-id LINE` on every #+begin_src line (line count unchanged).
 
     Pandoc keeps every header argument as an attribute, so each CodeBlock in its AST
@@ -133,7 +134,7 @@ def marked_source(doc: tangle.Document) -> str:
     return "\n".join(lines)
 
 
-def pandoc(doc: tangle.Document, args: list[str], text: str) -> tuple[str, str]:
+def pandoc(doc: literate.Document, args: list[str], text: str) -> tuple[str, str]:
     """Run the pandoc that pypandoc-binary ships: (stdout, stderr)."""
     import subprocess
     import pypandoc
@@ -153,7 +154,7 @@ def pandoc(doc: tangle.Document, args: list[str], text: str) -> tuple[str, str]:
     return out, err
 
 
-def read_org(doc: tangle.Document, text: str) -> dict:
+def read_org(doc: literate.Document, text: str) -> dict:
     out, _ = pandoc(doc, ["--from=org", "--to=json"], text)
     return json.loads(out)
 
@@ -730,7 +731,7 @@ def fix_math(typst_math: str) -> str:
     return "".join(pieces)
 
 
-def write_typst(doc: tangle.Document, ast: dict) -> str:
+def write_typst(doc: literate.Document, ast: dict) -> str:
     """Pandoc's Typst writer, with every formula converted on its own and fixed up.
 
     Each Math node is replaced by a placeholder, and its TeX goes to a paragraph of its
@@ -779,7 +780,7 @@ def write_typst(doc: tangle.Document, ast: dict) -> str:
     return re.sub(r"caption: \[\n\s*(.*?)\n\s*\]", r"caption: [\1]", body)
 
 
-def org_keyword(doc: tangle.Document, key: str) -> str | None:
+def org_keyword(doc: literate.Document, key: str) -> str | None:
     pat = re.compile(rf"^#\+{key}:[ \t]*(.*?)[ \t]*$", re.I)
     for line in doc.lines:
         if m := pat.match(line):
@@ -787,7 +788,7 @@ def org_keyword(doc: tangle.Document, key: str) -> str | None:
     return None
 
 
-def org_options(doc: tangle.Document) -> dict[str, str]:
+def org_options(doc: literate.Document) -> dict[str, str]:
     """`#+OPTIONS: key:value ...` lines, merged."""
     out = {}
     for line in doc.lines:
@@ -865,7 +866,7 @@ def explain_typst(org: Path, source: str, text: str, head: int) -> tuple[int | N
     return None, text
 
 
-def missing_glyphs(doc: tangle.Document) -> list[str]:
+def missing_glyphs(doc: literate.Document) -> list[str]:
     """Warnings for CJK ideographs and emoji that no font of the book has (see pdf/fonts)."""
     try:
         from fontTools.ttLib import TTFont
@@ -916,8 +917,8 @@ def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
 
 def book_source(org: Path) -> tuple[Book, str]:
     """The model of the book and the whole Typst source, in memory."""
-    doc = tangle.parse(Path(org))
-    tangle.tangle_document(doc)         # the book must tangle: same errors, same lines
+    doc = literate.parse(Path(org))
+    literate.tangle_document(doc)         # the book must tangle: same errors, same lines
     book = book_model(doc)
     ast = read_org(doc, marked_source(doc))
     shown = set()
@@ -952,20 +953,19 @@ def weave(org: Path, output: Path | None = None, keep_typst: bool = False) -> Pa
     try:
         pdf = compile_pdf(book, source, typ_path)
     except TangleError:
-        tangle.atomic_write(typ_path, source.encode("utf-8"), 0o644)   # for the diagnostic
+        literate.atomic_write(typ_path, source.encode("utf-8"), 0o644)   # for the diagnostic
         raise
     if keep_typst:
-        tangle.atomic_write(typ_path, source.encode("utf-8"), 0o644)
-    tangle.atomic_write(output, pdf, 0o644)
+        literate.atomic_write(typ_path, source.encode("utf-8"), 0o644)
+    literate.atomic_write(output, pdf, 0o644)
     return output
 
 
 def main(args) -> int:
-    """`tangle.py weave`: args.org, args.output, args.typst (TangleError is reported by tangle.py)."""
+    """`tangle.py weave`: args.org, args.output, args.typst."""
     try:
         out = weave(args.org, args.output, args.typst)
     except TangleError as e:
-        # tangle.py runs as __main__, so its own `except TangleError` names another class.
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

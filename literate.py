@@ -1,0 +1,681 @@
+"""literate.py: the core of the book's literate tools, below tangle.py, weave.py and results.py.
+
+It reads an Org file the way Emacs Org 9.x org-babel does and knows what every block
+tangles to; the three tools build on it and none of them imports another at load time:
+
+    literate.py   parse, resolve header arguments, expand noweb, check and write targets,
+                  the manifest and its source map (tangled line -> Org line)
+    results.py    the book's computed results          (imports literate)
+    weave.py      the book: Org -> pandoc -> Typst -> PDF (imports literate, results)
+    tangle.py     the command line: tangle, --check, where, and weave (imported lazily)
+
+The core is three steps, each a section below:
+  1. parse    Org text -> headings, global properties and source blocks (with line numbers)
+  2. resolve  header arguments by Org's inheritance; expand noweb references
+  3. write    every output computed and checked in memory first, then written atomically
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TangleError(Exception):
+    """An error in the Org file, reported as `file:line: message`."""
+
+    def __init__(self, path: Path | str, line: int | None, message: str):
+        self.path, self.line, self.message = Path(path), line, message
+        where = f"{self.path.name}:{line}" if line else f"{self.path.name}"
+        super().__init__(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------
+# 1. Parse
+# ---------------------------------------------------------------------------
+
+HEADING = re.compile(r"^(\*+)[ \t]+(.*?)[ \t]*$")
+COMMENT_TITLE = re.compile(r"^(?:[A-Z]+[ \t]+)?(?:\[#.\][ \t]+)?COMMENT(?:[ \t]|$)")
+BEGIN_SRC = re.compile(r"^[ \t]*#\+begin_src(?:[ \t]+(.*?))?[ \t]*$", re.I)
+END_SRC = re.compile(r"^[ \t]*#\+end_src[ \t]*$", re.I)
+# Other verbatim blocks (example, export, ...) hold literal text: no code blocks inside.
+BEGIN_VERBATIM = re.compile(r"^[ \t]*#\+begin_(example|export|comment)\b", re.I)
+KEYWORD = re.compile(r"^[ \t]*#\+([A-Za-z_][\w-]*)(?:\[[^\]]*\])?:(?:[ \t]+(.*?))?[ \t]*$")
+PLANNING = re.compile(r"^[ \t]*(?:SCHEDULED|DEADLINE|CLOSED):")
+DRAWER_BEGIN = re.compile(r"^[ \t]*:PROPERTIES:[ \t]*$", re.I)
+DRAWER_END = re.compile(r"^[ \t]*:END:[ \t]*$", re.I)
+PROPERTY_LINE = re.compile(r"^[ \t]*:(\S+):(?:[ \t]+(.*?))?[ \t]*$")
+# Org's unescaping inside blocks: a comma before `*` or `#+` at line start goes away.
+ESCAPE = re.compile(r"^([ \t]*),(,*(?:\*|#\+))", re.M)
+# Affiliated keywords: lines directly above a block that belong to it.
+AFFILIATED = {"name", "header", "headers", "caption", "results", "plot", "srcname",
+              "tblname", "label", "data"}
+
+
+@dataclass
+class Heading:
+    level: int
+    title: str
+    line: int
+    parent: Heading | None
+    commented: bool
+    # property name (lower case) -> (base value or None, [values of NAME+ lines])
+    props: dict[str, tuple[str | None, list[str]]] = field(default_factory=dict)
+
+
+@dataclass
+class Block:
+    line: int                      # line of #+begin_src, 1-based
+    end_line: int                  # line of #+end_src
+    lang: str
+    begin_args: str                # the header arguments on the #+begin_src line
+    header_lines: list[tuple[int, str]]  # (line, text) of each #+header: line, in order
+    name: str | None
+    name_line: int | None
+    body: list[str]                # Org's normalized body: escapes and indentation removed
+    heading: Heading | None
+    params: dict[str, str] = field(default_factory=dict)   # filled by resolve()
+
+    @property
+    def commented(self) -> bool:
+        h = self.heading
+        return h is not None and h.commented
+
+    @property
+    def label(self) -> str:
+        """How the book and the source map name this block."""
+        if self.name:
+            return self.name
+        if self.params.get("noweb-ref"):
+            return self.params["noweb-ref"]
+        tangle = self.params.get("tangle", "no")
+        return tangle if tangle not in ("yes", "no") else (self.heading.title if self.heading else "")
+
+
+@dataclass
+class Document:
+    path: Path
+    lines: list[str]
+    headings: list[Heading]
+    blocks: list[Block]
+    # `#+PROPERTY:` values by lower-case name, `NAME+` lines already appended
+    global_props: dict[str, str]
+
+
+def parse(path: Path, text: str | None = None) -> Document:
+    """Read an Org file into headings and source blocks, keeping line numbers."""
+    path = Path(path)
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TangleError(path, None, "no such file") from None
+        except UnicodeDecodeError as e:
+            line = text_line_of_byte(path.read_bytes(), e.start)
+            raise TangleError(path, line, f"not valid UTF-8 (byte {e.start})") from None
+    lines = text.split("\n")
+    headings: list[Heading] = []
+    blocks: list[Block] = []
+    global_props: dict[str, str] = {}
+    current: Heading | None = None
+    i = 0
+    while i < len(lines):
+        line, lineno = lines[i], i + 1
+        if m := HEADING.match(line):
+            level, title = len(m.group(1)), m.group(2)
+            parent = current
+            while parent is not None and parent.level >= level:
+                parent = parent.parent
+            commented = bool(COMMENT_TITLE.match(title)) or (parent is not None and parent.commented)
+            current = Heading(level, title, lineno, parent, commented)
+            headings.append(current)
+            i = read_property_drawer(path, lines, i + 1, current)
+            continue
+        if m := BEGIN_SRC.match(line):
+            blocks.append(read_block(path, lines, i, m.group(1) or "", current))
+            i = blocks[-1].end_line
+            continue
+        if END_SRC.match(line):
+            raise TangleError(path, lineno, "#+end_src without a #+begin_src")
+        if m := BEGIN_VERBATIM.match(line):
+            end = re.compile(rf"^[ \t]*#\+end_{m.group(1)}[ \t]*$", re.I)
+            k = next((k for k in range(i + 1, len(lines)) if end.match(lines[k])), None)
+            if k is None:
+                raise TangleError(path, lineno, f"#+begin_{m.group(1)} without #+end_{m.group(1)}")
+            i = k + 1
+            continue
+        if (m := KEYWORD.match(line)) and m.group(1).lower() == "property":
+            add_global_property(path, lineno, m.group(2) or "", global_props)
+        i += 1
+    check_unique_names(path, blocks)
+    return Document(path, lines, headings, blocks, global_props)
+
+
+def text_line_of_byte(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def read_property_drawer(path: Path, lines: list[str], i: int, heading: Heading) -> int:
+    """Org reads a property drawer only right after a heading (and its planning line)."""
+    if i < len(lines) and PLANNING.match(lines[i]):
+        i += 1
+    if i >= len(lines) or not DRAWER_BEGIN.match(lines[i]):
+        return i
+    start = i
+    i += 1
+    while i < len(lines) and not DRAWER_END.match(lines[i]):
+        m = PROPERTY_LINE.match(lines[i])
+        if not m:
+            raise TangleError(path, i + 1, f"not a property line inside :PROPERTIES: {lines[i]!r}")
+        name, value = m.group(1).lower(), m.group(2) or ""
+        if name.endswith("+"):
+            base, plus = heading.props.get(name[:-1], (None, []))
+            heading.props[name[:-1]] = (base, plus + [value])
+        else:
+            base, plus = heading.props.get(name, (None, []))
+            # The first NAME line is the base value, as `org--property-local-values` reads it.
+            heading.props[name] = (value if base is None else base, plus)
+        i += 1
+    if i >= len(lines):
+        raise TangleError(path, start + 1, ":PROPERTIES: drawer without :END:")
+    return i + 1
+
+
+def add_global_property(path: Path, lineno: int, text: str, props: dict[str, str]) -> None:
+    m = re.match(r"(\S+)[ \t]+(.*)", text)
+    if not m:
+        raise TangleError(path, lineno, f"#+PROPERTY needs a name and a value, got {text!r}")
+    name, value = m.group(1).lower(), m.group(2)
+    if name.endswith("+"):
+        name = name[:-1]
+        props[name] = f"{props[name]} {value}" if name in props else value
+    else:
+        props[name] = value
+
+
+def read_block(path: Path, lines: list[str], i: int, args: str, heading: Heading | None) -> Block:
+    start = i + 1
+    if not args.strip():
+        raise TangleError(path, start, "#+begin_src without a language")
+    lang, _, rest = args.strip().partition(" ")
+    # Switches (-n, -r, -l "...") come before the first :header argument.
+    colon = re.search(r"(?:^|[ \t]):", " " + rest)
+    begin_args = rest[colon.start():].strip() if colon else ""
+    name, name_line, header_lines = None, None, []
+    j = i - 1
+    while j >= 0 and (m := KEYWORD.match(lines[j])):
+        key, value = m.group(1).lower(), m.group(2) or ""
+        if key not in AFFILIATED and not key.startswith("attr_"):
+            break
+        if key in ("header", "headers"):
+            header_lines.insert(0, (j + 1, value))
+        elif key in ("name", "srcname") and name is None:
+            # The nearest #+name wins, as in Org.
+            name, name_line = value.strip(), j + 1
+        j -= 1
+    body: list[str] = []
+    k = i + 1
+    while k < len(lines) and not END_SRC.match(lines[k]):
+        if HEADING.match(lines[k]):
+            raise TangleError(path, k + 1, "a line starting with '*' inside a source block "
+                              "ends the block in Org; escape it as ',*'")
+        body.append(lines[k])
+        k += 1
+    if k >= len(lines):
+        raise TangleError(path, start, "#+begin_src without #+end_src")
+    body = normalize_body(path, start, ESCAPE.sub(r"\1\2", "\n".join(body)).split("\n") if body else [])
+    return Block(start, k + 1, lang, begin_args, header_lines, name, name_line, body, heading)
+
+
+def indentation(line: str) -> int:
+    """The column where the text starts, tabs counted to the next multiple of 8 as in Emacs."""
+    col = 0
+    for ch in line:
+        if ch == " ":
+            col += 1
+        elif ch == "\t":
+            col = col // 8 * 8 + 8
+        else:
+            break
+    return col
+
+
+def normalize_body(path: Path, start: int, body: list[str]) -> list[str]:
+    """Remove the common indentation, as `org-remove-indentation` does.
+
+    Blank lines do not count; when anything is removed, blank lines become empty and the
+    rest of each line's indentation is re-made with spaces (tabs become spaces).
+    """
+    n = min((indentation(s) for s in body if s.strip(" \t")), default=0)
+    if n == 0:
+        return body
+    return ["" if not s.strip(" \t") else " " * (indentation(s) - n) + s.lstrip(" \t")
+            for s in body]
+
+
+def check_unique_names(path: Path, blocks: list[Block]) -> None:
+    seen: dict[str, int] = {}
+    for b in blocks:
+        if b.name is None:
+            continue
+        if not b.name:
+            raise TangleError(path, b.name_line, "#+name: without a name")
+        if b.name in seen:
+            raise TangleError(path, b.name_line,
+                              f"duplicate #+name: {b.name} (first at line {seen[b.name]})")
+        seen[b.name] = b.name_line
+
+
+# ---------------------------------------------------------------------------
+# 2. Resolve header arguments, then expand noweb references
+# ---------------------------------------------------------------------------
+
+# Header arguments that change what is tangled, with the values this tool supports.
+TANGLE_ARGS = {
+    "tangle": None,                       # no | yes | a path
+    "noweb": {"no", "yes", "tangle", "no-export", "strip-export", "eval"},
+    "noweb-ref": None,
+    "noweb-sep": None,
+    "padline": {"yes", "no"},
+    "mkdirp": {"yes", "no"},
+    "shebang": None,
+    "comments": {"no"},
+}
+# Header arguments that matter only to evaluation or export: accepted, ignored here.
+OTHER_ARGS = {"exports", "results", "eval", "session", "cache", "hlines", "wrap", "file",
+              "output-dir", "cmdline", "dir", "async", "python", "post", "colnames",
+              "rownames", "sep", "file-ext", "no-expand", "width", "height",
+              "inputs"}   # :inputs: files a frozen result depends on (results.py)
+DEFAULTS = {"tangle": "no", "noweb": "no", "padline": "yes", "comments": "no"}
+LANG_EXT = {"python": "py", "emacs-lisp": "el", "elisp": "el", "shell": "sh", "sh": "sh",
+            "bash": "sh", "javascript": "js", "js": "js", "ruby": "rb", "perl": "pl",
+            "c": "c", "c++": "cpp", "cpp": "cpp", "rust": "rs"}
+# Which :noweb values expand references in a tangled block, and in a block it includes.
+EXPANDS_WHEN_TANGLED = {"yes", "tangle", "no-export", "strip-export"}
+EXPANDS_WHEN_INCLUDED = {"yes", "no-export", "strip-export", "eval"}
+NOWEB_REF = re.compile(r"(.*?)(<<([^ \t\n](?:.*?[^ \t\n])?)>>)")
+
+
+def split_header_args(path: Path, line: int, text: str) -> list[tuple[str, str]]:
+    """`:key value :key2 value2` -> [(key, value)], like org-babel-parse-header-arguments.
+
+    Org splits before every `:` that follows a blank, outside quotes and parentheses.
+    """
+    pieces, current, depth, quoted = [], "", 0, False
+    for k, ch in enumerate(text):
+        if ch == '"' and (k == 0 or text[k - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        if ch == ":" and not quoted and depth == 0 and (k == 0 or text[k - 1] in " \t"):
+            pieces.append(current)
+            current = ""
+        current += ch
+    pieces.append(current)
+    if pieces[0].strip():
+        raise TangleError(path, line, f"header arguments must start with ':', got {pieces[0].strip()!r}")
+    args = []
+    for piece in pieces[1:]:
+        m = re.match(r":(\S+)(?:[ \t]+(.*?))?[ \t]*$", piece.strip(), re.S)
+        key, value = m.group(1).lower(), (m.group(2) or "")
+        args.append((key, read_value(path, line, key, value)))
+    return args
+
+
+def read_value(path: Path, line: int, key: str, value: str) -> str:
+    """A header value as `org-babel-read` gives it: quotes removed, no Lisp evaluated."""
+    if value[:1] in ("(", "'", "`"):
+        raise TangleError(path, line, f":{key} {value}: Emacs Lisp values are not supported")
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        body = value[1:-1]
+        return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+    return value
+
+
+def inherited_property(doc: Document, heading: Heading | None, name: str) -> str | None:
+    """Org's `org-entry-get` with inheritance, including `NAME+` accumulation.
+
+    Walking up from the block's heading, each level's values go in front of what was
+    found below; the walk stops at a level with a plain NAME value; past the top, the
+    file's #+PROPERTY value goes in front.
+    """
+    value = None
+    h = heading
+    while h is not None:
+        base, plus = h.props.get(name, (None, []))
+        here = [v for v in [base, *plus] if v is not None]
+        if here:
+            value = " ".join(here) + (" " + value if value is not None else "")
+        if base is not None:
+            return value
+        h = h.parent
+    top = doc.global_props.get(name)
+    if top is not None:
+        value = top + (" " + value if value is not None else "")
+    return value
+
+
+def resolve(doc: Document) -> None:
+    """Every block's params: defaults < header-args < header-args:LANG < #+begin_src < #+header."""
+    for b in doc.blocks:
+        # Inherited arguments are reported at the block they reach.
+        sources = [(b.line, value) for name in ("header-args", f"header-args:{b.lang}")
+                   if (value := inherited_property(doc, b.heading, name))]
+        # Org merges the #+begin_src line, then the #+header lines from the last up: the
+        # first #+header line wins over everything.
+        sources += [(b.line, b.begin_args), *reversed(b.header_lines)]
+        params = dict(DEFAULTS)
+        for line, text in sources:
+            for key, value in split_header_args(doc.path, line, text):
+                check_arg(doc.path, line, key, value)
+                params[key] = value
+        b.params = params
+
+
+def check_arg(path: Path, line: int, key: str, value: str) -> None:
+    if key in OTHER_ARGS:
+        return
+    if key not in TANGLE_ARGS:
+        known = ", ".join(sorted(TANGLE_ARGS) + sorted(OTHER_ARGS))
+        raise TangleError(path, line, f"unsupported header argument :{key} (supported: {known})")
+    allowed = TANGLE_ARGS[key]
+    if allowed is not None and value not in allowed:
+        raise TangleError(path, line, f":{key} {value!r} is not supported "
+                          f"(use one of: {', '.join(sorted(allowed))})")
+    if key in ("tangle", "noweb-ref") and not value:
+        raise TangleError(path, line, f":{key} needs a value")
+    if key == "shebang" and not value.startswith("#!"):
+        raise TangleError(path, line, f":shebang {value!r} must start with '#!'")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of tangled text and the Org line it came from."""
+    text: str
+    org_line: int
+    chunk: str
+
+
+class Expander:
+    """Expands `<<name>>` references the way org-babel-expand-noweb-references does."""
+
+    def __init__(self, doc: Document):
+        self.doc = doc
+        live = [b for b in doc.blocks if not b.commented]
+        self.named = {b.name: b for b in live if b.name}
+        self.refs: dict[str, list[Block]] = {}
+        for b in live:
+            if ref := b.params.get("noweb-ref"):
+                self.refs.setdefault(ref, []).append(b)
+        for name, blocks in self.refs.items():
+            if name in self.named:
+                raise TangleError(doc.path, blocks[0].line,
+                                  f":noweb-ref {name} is also the #+name of the block at line "
+                                  f"{self.named[name].line}; Org would use only that one")
+
+    def body(self, block: Block, expand: bool, stack: tuple[str, ...] = ()) -> list[Line]:
+        lines = [Line(text, block.line + 1 + k, block.label) for k, text in enumerate(block.body)]
+        if not lines:
+            lines = [Line("", block.line, block.label)]
+        if not expand:
+            return lines
+        out: list[Line] = []
+        for line in lines:
+            out.extend(self.expand_line(block, line, stack))
+        return out
+
+    def expand_line(self, block: Block, line: Line, stack: tuple[str, ...]) -> list[Line]:
+        matches = list(NOWEB_REF.finditer(line.text))
+        if not matches:
+            return [line]
+        out, text, origin = [], "", line
+        for m in matches:
+            prefix = m.group(1)
+            expansion = self.reference(block, line.org_line, m.group(3), stack)
+            text += prefix + expansion[0].text
+            origin = expansion[0]
+            for e in expansion[1:]:
+                out.append(Line(text, origin.org_line, origin.chunk))
+                text, origin = prefix + e.text, e
+        text += line.text[matches[-1].end():]
+        out.append(Line(text, origin.org_line, origin.chunk))
+        return out
+
+    def reference(self, parent: Block, org_line: int, name: str, stack: tuple[str, ...]) -> list[Line]:
+        if name in stack:
+            cycle = " -> ".join(stack[stack.index(name):] + (name,))
+            raise TangleError(self.doc.path, org_line, f"noweb reference cycle: {cycle}")
+        if name in self.named:
+            blocks = [self.named[name]]
+        elif name in self.refs:
+            blocks = self.refs[name]
+        else:
+            raise TangleError(self.doc.path, org_line,
+                              f"unknown noweb reference <<{name}>> (no #+name: or :noweb-ref {name})")
+        out: list[Line] = []
+        for k, child in enumerate(blocks):
+            if child.params["noweb"] == "tangle" and any(NOWEB_REF.search(s) for s in child.body):
+                raise TangleError(self.doc.path, child.line,
+                                  f"<<{name}>> is used inside another block, where Org leaves the "
+                                  "references of a ':noweb tangle' block unexpanded; use ':noweb yes'")
+            body = self.body(child, child.params["noweb"] in EXPANDS_WHEN_INCLUDED, stack + (name,))
+            if k == 0:
+                out = body
+            else:
+                out = join_lines(out, blocks[k - 1].params.get("noweb-sep", "\n"), body)
+        return out
+
+
+def join_lines(a: list[Line], sep: str, b: list[Line]) -> list[Line]:
+    """a + sep + b as text, keeping each line's origin."""
+    parts = sep.split("\n")
+    out = a[:-1]
+    cur = Line(a[-1].text + parts[0], a[-1].org_line, a[-1].chunk)
+    for p in parts[1:]:
+        out.append(cur)
+        cur = Line(p, b[0].org_line, b[0].chunk)
+    out.append(Line(cur.text + b[0].text, cur.org_line if cur.text else b[0].org_line,
+                    cur.chunk if cur.text else b[0].chunk))
+    return out + b[1:]
+
+
+def org_trim(lines: list[Line]) -> list[Line]:
+    """`org-trim`: Org strips blanks at both ends of a tangled block."""
+    ws = " \t\r"
+    while lines and not lines[0].text.strip(ws):
+        lines = lines[1:]
+    while lines and not lines[-1].text.strip(ws):
+        lines = lines[:-1]
+    if not lines:
+        return []
+    first, last = lines[0], lines[-1]
+    lines = [Line(first.text.lstrip(ws), first.org_line, first.chunk)] + lines[1:]
+    last = lines[-1]
+    lines[-1] = Line(last.text.rstrip(ws), last.org_line, last.chunk)
+    return lines
+
+
+@dataclass
+class Output:
+    """One file to write: its text, mode and source map (one entry per line)."""
+    path: str                      # relative to the Org file's folder
+    lines: list[Line] = field(default_factory=list)
+    executable: bool = False
+    mkdirp: bool = False
+    first_line: int = 0            # the first block's line, for errors
+
+    @property
+    def text(self) -> str:
+        return "".join(line.text + "\n" for line in self.lines)
+
+
+def target_of(doc: Document, b: Block) -> str | None:
+    tangle = b.params["tangle"]
+    if tangle == "no":
+        return None
+    if tangle == "yes":
+        return f"{doc.path.stem}.{LANG_EXT.get(b.lang, b.lang)}"
+    return tangle
+
+
+def check_target(doc: Document, b: Block, target: str) -> str:
+    """A target must stay inside the Org file's folder: not absolute, no '..', no symlink out."""
+    root = doc.path.resolve().parent
+    p = Path(target)
+    if p.is_absolute() or target.startswith("~"):
+        raise TangleError(doc.path, b.line, f":tangle {target}: absolute paths are refused; "
+                          "use a path relative to the Org file")
+    if ".." in p.parts:
+        raise TangleError(doc.path, b.line, f":tangle {target}: '..' leaves the Org file's folder")
+    real = (root / p).resolve()
+    if root != real and root not in real.parents:
+        raise TangleError(doc.path, b.line, f":tangle {target}: leads outside the Org file's "
+                          f"folder through a symlink (to {real})")
+    if real == doc.path.resolve():
+        raise TangleError(doc.path, b.line, f":tangle {target}: would overwrite the Org file")
+    return p.as_posix()
+
+
+def tangle_document(doc: Document) -> dict[str, Output]:
+    """Every output file, in memory. Raises TangleError before anything is written."""
+    resolve(doc)
+    expander = Expander(doc)
+    live = [b for b in doc.blocks if not b.commented and b.params["tangle"] != "no"]
+    outputs: dict[str, Output] = {}
+    for b in live:  # document order, whatever the language (Org 9.5)
+        target = check_target(doc, b, target_of(doc, b))
+        out = outputs.setdefault(target, Output(target, first_line=b.line))
+        expand = b.params["noweb"] in EXPANDS_WHEN_TANGLED
+        lines = org_trim(expander.body(b, expand)) or [Line("", b.line, b.label)]
+        if shebang := b.params.get("shebang"):
+            if not out.executable:
+                lines = [Line(shebang, b.line, b.label)] + lines
+            out.executable = True
+        if out.lines and b.params["padline"] != "no":
+            lines = [Line("", b.line, b.label)] + lines
+        out.lines.extend(lines)
+        out.mkdirp = out.mkdirp or b.params.get("mkdirp", "no") == "yes"
+    root = doc.path.resolve().parent
+    for out in outputs.values():
+        parent = (root / out.path).parent
+        if not out.mkdirp and not parent.is_dir():
+            raise TangleError(doc.path, out.first_line, f"the folder of {out.path} does not exist; "
+                              "add ':mkdirp yes' to create it")
+    return outputs
+
+
+# ---------------------------------------------------------------------------
+# 3. Write: all-or-nothing, unchanged files untouched, a manifest and a source map
+# ---------------------------------------------------------------------------
+
+IGNORED_EXTRA = ("__pycache__", ".pytest_cache", ".egg-info", ".pyc")
+
+
+def manifest_path(org: Path) -> Path:
+    """`.llm.tangle.json` beside llm.org: the files tangle wrote and their source map."""
+    return org.resolve().parent / f".{org.stem}.tangle.json"
+
+
+def load_manifest(org: Path) -> dict:
+    try:
+        return json.loads(manifest_path(org).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"files": {}}
+
+
+def file_mode(out: Output) -> int:
+    return 0o755 if out.executable else 0o644
+
+
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write through a temporary file in the same folder and rename: never a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def status(org: Path, outputs: dict[str, Output]) -> dict[str, list[str]]:
+    """Which targets are stale (content or mode differ), missing, or extra on disk."""
+    root = org.resolve().parent
+    stale, missing = [], []
+    for rel, out in outputs.items():
+        p = root / rel
+        if not p.exists():
+            missing.append(rel)
+        elif p.read_bytes() != out.text.encode() or (p.stat().st_mode & 0o777) != file_mode(out):
+            stale.append(rel)
+    extra = set(f for f in load_manifest(org)["files"] if f not in outputs and (root / f).exists())
+    # Files nobody tangled, in the folders tangle owns (a hand-made build/llm/x.py).
+    tops = {Path(rel).parts[0] for rel in outputs if len(Path(rel).parts) > 1}
+    for top in tops:
+        for p in (root / top).rglob("*"):
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and rel not in outputs and not any(s in rel for s in IGNORED_EXTRA):
+                extra.add(rel)
+    return {"stale": sorted(stale), "missing": sorted(missing), "extra": sorted(extra)}
+
+
+def write_outputs(org: Path, outputs: dict[str, Output]) -> list[str]:
+    """Write what changed, remove what tangle wrote before and no longer makes."""
+    root = org.resolve().parent
+    old = load_manifest(org)["files"]
+    written = []
+    for rel, out in sorted(outputs.items()):
+        p = root / rel
+        data = out.text.encode()
+        if p.exists() and p.read_bytes() == data and (p.stat().st_mode & 0o777) == file_mode(out):
+            continue  # unchanged: keep the mtime, so make and pytest caches stay warm
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(p, data, file_mode(out))
+        written.append(rel)
+    for rel in sorted(set(old) - set(outputs)):
+        p = root / rel
+        if p.is_file():
+            p.unlink()
+            written.append(f"{rel} (removed)")
+    manifest = {
+        "source": org.name,
+        "files": {rel: {"sha256": hashlib.sha256(out.text.encode()).hexdigest(),
+                        "map": [[line.org_line, line.chunk] for line in out.lines]}
+                  for rel, out in sorted(outputs.items())},
+    }
+    data = json.dumps(manifest, indent=0, sort_keys=True).encode()
+    mp = manifest_path(org)
+    if not mp.exists() or mp.read_bytes() != data:
+        atomic_write(mp, data, 0o644)
+    return written
+
+
+def where(org: Path, spec: str) -> str:
+    """`build/llm/x.py:12` -> `llm.org:345 ⟨chunk⟩`, from a fresh tangle in memory."""
+    m = re.match(r"(.+):(\d+)$", spec)
+    if not m:
+        raise TangleError(org, None, f"where: expected FILE:LINE, got {spec!r}")
+    root = org.resolve().parent
+    target, lineno = Path(m.group(1)), int(m.group(2))
+    try:
+        rel = target.resolve().relative_to(root).as_posix()
+    except ValueError:
+        rel = target.as_posix()
+    outputs = tangle_document(parse(org))
+    if rel not in outputs:
+        raise TangleError(org, None, f"where: {rel} is not tangled from {org.name} "
+                          f"(its files: {', '.join(sorted(outputs))})")
+    lines = outputs[rel].lines
+    if not 1 <= lineno <= len(lines):
+        raise TangleError(org, None, f"where: {rel} has {len(lines)} lines, not {lineno}")
+    line = lines[lineno - 1]
+    return f"{org.name}:{line.org_line} ⟨{line.chunk}⟩"
