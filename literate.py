@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,21 +36,28 @@ class TangleError(Exception):
         super().__init__(f"{where}: {message}")
 
 
+def short(text: str, width: int = 60) -> str:
+    """A name or path as an error message quotes it: one line, however long the original."""
+    return text if len(text) <= width else f"{text[:width - 20]}...{text[-12:]} ({len(text)} characters)"
+
+
 # ---------------------------------------------------------------------------
 # 1. Parse
 # ---------------------------------------------------------------------------
 
-HEADING = re.compile(r"^(\*+)[ \t]+(.*?)[ \t]*$")
+# No pattern here ends in `(.*?)[ \t]*$`: on a long run of blanks that is quadratic in the
+# line's length. They take the rest of the line, and the code strips trailing blanks.
+HEADING = re.compile(r"^(\*+)[ \t]+(.*)$")
 COMMENT_TITLE = re.compile(r"^(?:[A-Z]+[ \t]+)?(?:\[#.\][ \t]+)?COMMENT(?:[ \t]|$)")
-BEGIN_SRC = re.compile(r"^[ \t]*#\+begin_src(?:[ \t]+(.*?))?[ \t]*$", re.I)
+BEGIN_SRC = re.compile(r"^[ \t]*#\+begin_src(?:[ \t]+(.*))?$", re.I)
 END_SRC = re.compile(r"^[ \t]*#\+end_src[ \t]*$", re.I)
 # Other verbatim blocks (example, export, ...) hold literal text: no code blocks inside.
 BEGIN_VERBATIM = re.compile(r"^[ \t]*#\+begin_(example|export|comment)\b", re.I)
-KEYWORD = re.compile(r"^[ \t]*#\+([A-Za-z_][\w-]*)(?:\[[^\]]*\])?:(?:[ \t]+(.*?))?[ \t]*$")
+KEYWORD = re.compile(r"^[ \t]*#\+([A-Za-z_][\w-]*)(?:\[[^\]]*\])?:(?:[ \t]+(.*))?$")
 PLANNING = re.compile(r"^[ \t]*(?:SCHEDULED|DEADLINE|CLOSED):")
 DRAWER_BEGIN = re.compile(r"^[ \t]*:PROPERTIES:[ \t]*$", re.I)
 DRAWER_END = re.compile(r"^[ \t]*:END:[ \t]*$", re.I)
-PROPERTY_LINE = re.compile(r"^[ \t]*:(\S+):(?:[ \t]+(.*?))?[ \t]*$")
+PROPERTY_LINE = re.compile(r"^[ \t]*:(\S+):(?:[ \t]+(.*))?$")
 # Org's unescaping inside blocks: a comma before `*` or `#+` at line start goes away.
 ESCAPE = re.compile(r"^([ \t]*),(,*(?:\*|#\+))", re.M)
 # Affiliated keywords: lines directly above a block that belong to it.
@@ -80,6 +88,7 @@ class Block:
     body: list[str]                # Org's normalized body: escapes and indentation removed
     heading: Heading | None
     params: dict[str, str] = field(default_factory=dict)   # filled by resolve()
+    own_args: set[str] = field(default_factory=set)  # keys set by the block's own lines
 
     @property
     def commented(self) -> bool:
@@ -112,12 +121,25 @@ def parse(path: Path, text: str | None = None) -> Document:
     path = Path(path)
     if text is None:
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError:
             raise TangleError(path, None, "no such file") from None
+        except IsADirectoryError:
+            raise TangleError(path, None, "is a folder, not an Org file; name the Org file "
+                              "(for example llm.org)") from None
+        except OSError as e:
+            raise TangleError(path, None, f"cannot read it: {e.strerror or e}") from None
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = text_line_of_byte(path.read_bytes(), e.start)
-            raise TangleError(path, line, f"not valid UTF-8 (byte {e.start})") from None
+            line = text_line_of_byte(data, e.start)
+            raise TangleError(path, line, f"not valid UTF-8 (byte {e.start}); save the file "
+                              "as UTF-8") from None
+    if (crlf := text.find("\r\n")) >= 0:
+        # Org in Emacs would read such a file as DOS text; this tool reads it as it is, where
+        # every line would end in a stray \r (and no #+end_src would be found).
+        raise TangleError(path, text.count("\n", 0, crlf) + 1, "the line ends in CR LF "
+                          "(Windows line endings); save the file with LF line endings")
     lines = text.split("\n")
     headings: list[Heading] = []
     blocks: list[Block] = []
@@ -127,7 +149,7 @@ def parse(path: Path, text: str | None = None) -> Document:
     while i < len(lines):
         line, lineno = lines[i], i + 1
         if m := HEADING.match(line):
-            level, title = len(m.group(1)), m.group(2)
+            level, title = len(m.group(1)), m.group(2).rstrip(" \t")
             parent = current
             while parent is not None and parent.level >= level:
                 parent = parent.parent
@@ -137,7 +159,7 @@ def parse(path: Path, text: str | None = None) -> Document:
             i = read_property_drawer(path, lines, i + 1, current)
             continue
         if m := BEGIN_SRC.match(line):
-            blocks.append(read_block(path, lines, i, m.group(1) or "", current))
+            blocks.append(read_block(path, lines, i, (m.group(1) or "").rstrip(" \t"), current))
             i = blocks[-1].end_line
             continue
         if END_SRC.match(line):
@@ -150,7 +172,7 @@ def parse(path: Path, text: str | None = None) -> Document:
             i = k + 1
             continue
         if (m := KEYWORD.match(line)) and m.group(1).lower() == "property":
-            add_global_property(path, lineno, m.group(2) or "", global_props)
+            add_global_property(path, lineno, (m.group(2) or "").rstrip(" \t"), global_props)
         i += 1
     check_unique_names(path, blocks)
     return Document(path, lines, headings, blocks, global_props)
@@ -172,7 +194,7 @@ def read_property_drawer(path: Path, lines: list[str], i: int, heading: Heading)
         m = PROPERTY_LINE.match(lines[i])
         if not m:
             raise TangleError(path, i + 1, f"not a property line inside :PROPERTIES: {lines[i]!r}")
-        name, value = m.group(1).lower(), m.group(2) or ""
+        name, value = m.group(1).lower(), (m.group(2) or "").rstrip(" \t")
         if name.endswith("+"):
             base, plus = heading.props.get(name[:-1], (None, []))
             heading.props[name[:-1]] = (base, plus + [value])
@@ -209,7 +231,7 @@ def read_block(path: Path, lines: list[str], i: int, args: str, heading: Heading
     name, name_line, header_lines = None, None, []
     j = i - 1
     while j >= 0 and (m := KEYWORD.match(lines[j])):
-        key, value = m.group(1).lower(), m.group(2) or ""
+        key, value = m.group(1).lower(), (m.group(2) or "").rstrip(" \t")
         if key not in AFFILIATED and not key.startswith("attr_"):
             break
         if key in ("header", "headers"):
@@ -267,7 +289,7 @@ def check_unique_names(path: Path, blocks: list[Block]) -> None:
             raise TangleError(path, b.name_line, "#+name: without a name")
         if b.name in seen:
             raise TangleError(path, b.name_line,
-                              f"duplicate #+name: {b.name} (first at line {seen[b.name]})")
+                              f"duplicate #+name: {short(b.name)} (first at line {seen[b.name]})")
         seen[b.name] = b.name_line
 
 
@@ -298,7 +320,42 @@ LANG_EXT = {"python": "py", "emacs-lisp": "el", "elisp": "el", "shell": "sh", "s
 # Which :noweb values expand references in a tangled block, and in a block it includes.
 EXPANDS_WHEN_TANGLED = {"yes", "tangle", "no-export", "strip-export"}
 EXPANDS_WHEN_INCLUDED = {"yes", "no-export", "strip-export", "eval"}
+# Org's reference, `org-babel-noweb-wrap`: << then a non-blank, up to the nearest >> that a
+# non-blank precedes. As a regexp searched along a line it is quadratic in the line's length
+# (40,000 characters took 10 s); noweb_refs finds the same references in one pass. The
+# regexp stays as the definition the tests check noweb_refs against.
 NOWEB_REF = re.compile(r"(.*?)(<<([^ \t\n](?:.*?[^ \t\n])?)>>)")
+
+
+def noweb_refs(text: str) -> list[tuple[int, int, str]]:
+    """Every `<<name>>` of one line as (start, end, name), left to right, like NOWEB_REF.
+
+    Linear: each `<<` is tried once, and the nearest `>>` only moves right (once none is
+    left, only one-character names `<<a>>` can still match, each checked in one step).
+    """
+    refs: list[tuple[int, int, str]] = []
+    start, close, none_left = 0, -1, False
+    while (s := text.find("<<", start)) >= 0:
+        if s + 2 >= len(text) or text[s + 2] in " \t\n":
+            start = s + 1                  # a name starts with a non-blank
+            continue
+        # Org's regexp prefers a name of two characters or more: the nearest >> from s + 4
+        # on that a non-blank precedes; a one-character name only when there is none.
+        if not none_left and close < s + 4:
+            close = text.find(">>", s + 4)
+            while close > 0 and text[close - 1] in " \t":
+                close = text.find(">>", close + 1)
+            none_left = close < 0
+        if not none_left:
+            end = close
+        elif text.startswith(">>", s + 3):
+            end = s + 3
+        else:
+            start = s + 1
+            continue
+        refs.append((s, end + 2, text[s + 2:end]))
+        start = end + 2
+    return refs
 
 
 def split_header_args(path: Path, line: int, text: str) -> list[tuple[str, str]]:
@@ -323,7 +380,11 @@ def split_header_args(path: Path, line: int, text: str) -> list[tuple[str, str]]
         raise TangleError(path, line, f"header arguments must start with ':', got {pieces[0].strip()!r}")
     args = []
     for piece in pieces[1:]:
-        m = re.match(r":(\S+)(?:[ \t]+(.*?))?[ \t]*$", piece.strip(), re.S)
+        m = re.match(r":(\S+)(?:[ \t]+(.*))?$", piece.strip(), re.S)
+        if not m:
+            what = "a ':' without a name" if piece.strip() == ":" else repr(short(piece.strip()))
+            raise TangleError(path, line, f"cannot read the header argument {what}; "
+                              "write ':name value'")
         key, value = m.group(1).lower(), (m.group(2) or "")
         args.append((key, read_value(path, line, key, value)))
     return args
@@ -366,16 +427,18 @@ def resolve(doc: Document) -> None:
     """Every block's params: defaults < header-args < header-args:LANG < #+begin_src < #+header."""
     for b in doc.blocks:
         # Inherited arguments are reported at the block they reach.
-        sources = [(b.line, value) for name in ("header-args", f"header-args:{b.lang}")
-                   if (value := inherited_property(doc, b.heading, name))]
+        inherited = [(b.line, value) for name in ("header-args", f"header-args:{b.lang}")
+                     if (value := inherited_property(doc, b.heading, name))]
         # Org merges the #+begin_src line, then the #+header lines from the last up: the
         # first #+header line wins over everything.
-        sources += [(b.line, b.begin_args), *reversed(b.header_lines)]
+        own = [(b.line, b.begin_args), *reversed(b.header_lines)]
         params = dict(DEFAULTS)
-        for line, text in sources:
+        for k, (line, text) in enumerate(inherited + own):
             for key, value in split_header_args(doc.path, line, text):
                 check_arg(doc.path, line, key, value)
                 params[key] = value
+                if k >= len(inherited):
+                    b.own_args.add(key)
         b.params = params
 
 
@@ -432,25 +495,28 @@ class Expander:
         return out
 
     def expand_line(self, block: Block, line: Line, stack: tuple[str, ...]) -> list[Line]:
-        matches = list(NOWEB_REF.finditer(line.text))
-        if not matches:
+        refs = noweb_refs(line.text)
+        if not refs:
             return [line]
-        out, text, origin = [], "", line
-        for m in matches:
-            prefix = m.group(1)
-            expansion = self.reference(block, line.org_line, m.group(3), stack)
-            text += prefix + expansion[0].text
+        out: list[Line] = []
+        text: list[str] = []               # the line being built, in pieces (joined once)
+        origin, end = line, 0
+        for start, stop, name in refs:
+            prefix = line.text[end:start]  # the text since the previous reference
+            expansion = self.reference(block, line.org_line, name, stack)
+            text += [prefix, expansion[0].text]
             origin = expansion[0]
             for e in expansion[1:]:
-                out.append(Line(text, origin.org_line, origin.chunk))
-                text, origin = prefix + e.text, e
-        text += line.text[matches[-1].end():]
-        out.append(Line(text, origin.org_line, origin.chunk))
+                out.append(Line("".join(text), origin.org_line, origin.chunk))
+                text, origin = [prefix, e.text], e
+            end = stop
+        text.append(line.text[end:])
+        out.append(Line("".join(text), origin.org_line, origin.chunk))
         return out
 
     def reference(self, parent: Block, org_line: int, name: str, stack: tuple[str, ...]) -> list[Line]:
         if name in stack:
-            cycle = " -> ".join(stack[stack.index(name):] + (name,))
+            cycle = " -> ".join(short(n) for n in stack[stack.index(name):] + (name,))
             raise TangleError(self.doc.path, org_line, f"noweb reference cycle: {cycle}")
         if name in self.named:
             blocks = [self.named[name]]
@@ -458,10 +524,11 @@ class Expander:
             blocks = self.refs[name]
         else:
             raise TangleError(self.doc.path, org_line,
-                              f"unknown noweb reference <<{name}>> (no #+name: or :noweb-ref {name})")
+                              f"unknown noweb reference <<{short(name)}>> (no #+name: or :noweb-ref "
+                              f"{short(name)})")
         out: list[Line] = []
         for k, child in enumerate(blocks):
-            if child.params["noweb"] == "tangle" and any(NOWEB_REF.search(s) for s in child.body):
+            if child.params["noweb"] == "tangle" and any(noweb_refs(s) for s in child.body):
                 raise TangleError(self.doc.path, child.line,
                                   f"<<{name}>> is used inside another block, where Org leaves the "
                                   "references of a ':noweb tangle' block unexpanded; use ':noweb yes'")
@@ -525,26 +592,125 @@ def target_of(doc: Document, b: Block) -> str | None:
     return tangle
 
 
-def check_target(doc: Document, b: Block, target: str) -> str:
-    """A target must stay inside the Org file's folder: not absolute, no '..', no symlink out."""
-    root = doc.path.resolve().parent
-    p = Path(target)
-    if p.is_absolute() or target.startswith("~"):
-        raise TangleError(doc.path, b.line, f":tangle {target}: absolute paths are refused; "
-                          "use a path relative to the Org file")
+# What tangle never writes (nor removes), whatever a block or the manifest says: git's files,
+# the Org file, the literate tools and tangle's manifest. Names are compared in lower case:
+# on macOS and Windows `LLM.org` is `llm.org`.
+TOOLS = ("literate.py", "tangle.py", "weave.py", "results.py")
+# The Makefile only by a block that names it itself (see check_target).
+MAKEFILES = ("makefile", "gnumakefile")
+
+
+def path_problem(org: Path, rel) -> str | None:
+    """Why `rel` (relative to the Org file's folder) may never be written or removed, or None.
+
+    One rule for a block's target and for an entry of the manifest, so a damaged manifest
+    cannot make tangle remove a file it would never have written.
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        return "is not a file name"
+    if "\0" in rel:
+        return "contains a NUL byte"
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith("~"):
+        return "absolute paths are refused; use a path relative to the Org file"
     if ".." in p.parts:
-        raise TangleError(doc.path, b.line, f":tangle {target}: '..' leaves the Org file's folder")
-    real = (root / p).resolve()
-    if root != real and root not in real.parents:
-        raise TangleError(doc.path, b.line, f":tangle {target}: leads outside the Org file's "
-                          f"folder through a symlink (to {real})")
-    if real == doc.path.resolve():
-        raise TangleError(doc.path, b.line, f":tangle {target}: would overwrite the Org file")
-    return p.as_posix()
+        return "'..' leaves the Org file's folder"
+    if rel.split("/")[-1] in ("", "."):
+        return "names a folder, not a file"
+    low = p.as_posix().lower()
+    if ".git" in low.split("/"):
+        return "is inside .git/, which belongs to git"
+    if low == org.name.lower():
+        return "would overwrite the Org file"
+    if low == manifest_path(org).name.lower():
+        return "is tangle's own manifest"
+    if low in TOOLS:
+        return "is one of the literate tools"
+    root = org.resolve().parent
+    try:
+        real = (root / p).resolve()
+        if root != real and root not in real.parents:
+            return f"leads outside the Org file's folder through a symlink (to {short(str(real))})"
+        if real == org.resolve():
+            return "would overwrite the Org file"
+        if (root / p).is_dir():
+            return "is a folder, not a file"
+    except (OSError, RuntimeError, ValueError) as e:   # too long, a symlink loop, ...
+        return f"is not a usable file name ({getattr(e, 'strerror', None) or e})"
+    return None
 
 
-def tangle_document(doc: Document) -> dict[str, Output]:
-    """Every output file, in memory. Raises TangleError before anything is written."""
+def check_target(doc: Document, b: Block, target: str) -> str:
+    """A target stays inside the Org file's folder, is a file, and is none of TOOLS & co."""
+    if why := path_problem(doc.path, target):
+        raise TangleError(doc.path, b.line, f":tangle {short(target)}: {why}")
+    rel = Path(target).as_posix()
+    if rel.lower() in MAKEFILES and "tangle" not in b.own_args:
+        raise TangleError(doc.path, b.line, f":tangle {rel} is inherited here; the Makefile is "
+                          "written only by a block that names it on its own #+begin_src line")
+    return rel
+
+
+def check_outputs(doc: Document, outputs: dict[str, Output]) -> None:
+    """The targets together, and against the disk: every write will succeed, or none is made.
+
+    No two targets may be one file on a case-insensitive disk, no target may need a folder
+    where another target or an existing file is, and every folder must exist or be made.
+    """
+    root = doc.path.resolve().parent
+    seen: dict[str, Output] = {}
+    for rel, out in outputs.items():          # document order
+        if (other := seen.get(rel.lower())) is not None:
+            raise TangleError(doc.path, out.first_line, f":tangle {rel}: differs from {other.path} "
+                              f"(line {other.first_line}) only in letter case, and is the same "
+                              "file on macOS and Windows")
+        seen[rel.lower()] = out
+    for rel, out in outputs.items():
+        for folder in reversed(Path(rel).parents[:-1]):   # build, build/llm, ...
+            name = folder.as_posix()
+            if (other := seen.get(name.lower())) is not None:
+                raise TangleError(doc.path, out.first_line, f":tangle {rel}: needs a folder "
+                                  f"{name}, which line {other.first_line} tangles as a file")
+            try:
+                is_file = (root / folder).exists() and not (root / folder).is_dir()
+            except OSError as e:
+                raise TangleError(doc.path, out.first_line, f":tangle {short(rel)}: "
+                                  f"{e.strerror or e}") from None
+            if is_file:
+                raise TangleError(doc.path, out.first_line, f":tangle {rel}: {name} is a file, "
+                                  "not a folder")
+        if not out.mkdirp and not (root / rel).parent.is_dir():
+            raise TangleError(doc.path, out.first_line, f"the folder of {out.path} does not exist; "
+                              "add ':mkdirp yes' to create it")
+
+
+def check_compiles(doc: Document, outputs: dict[str, Output]) -> None:
+    """Every tangled .py must compile (in memory: compile(), nothing imported or run).
+
+    A stray or missing #+begin_src/#+end_src line moves prose into code or code out of
+    its file; the result is rarely valid Python. The error names the Org line of the
+    offending line, found through the source map.
+    """
+    for rel, out in outputs.items():
+        if not rel.endswith(".py"):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")      # SyntaxWarning: not our business here
+                compile(out.text, rel, "exec", dont_inherit=True)
+        except SyntaxError as e:                     # IndentationError, TabError too
+            n = min(max(e.lineno or 1, 1), len(out.lines))
+            line = out.lines[n - 1] if out.lines else Line("", out.first_line, rel)
+            raise TangleError(doc.path, line.org_line, f"{rel}:{n} would not compile: {e.msg} "
+                              f"(in ⟨{short(line.chunk)}⟩)") from None
+        except (ValueError, RecursionError, MemoryError) as e:   # a NUL byte, too deep
+            bad = next((x for x in out.lines if "\0" in x.text), None)
+            raise TangleError(doc.path, bad.org_line if bad else out.first_line,
+                              f"{rel} would not compile: {e}") from None
+
+
+def tangle_document(doc: Document, compile_check: bool = True) -> dict[str, Output]:
+    """Every output file, in memory and checked. Raises TangleError before anything is written."""
     resolve(doc)
     expander = Expander(doc)
     live = [b for b in doc.blocks if not b.commented and b.params["tangle"] != "no"]
@@ -562,12 +728,9 @@ def tangle_document(doc: Document) -> dict[str, Output]:
             lines = [Line("", b.line, b.label)] + lines
         out.lines.extend(lines)
         out.mkdirp = out.mkdirp or b.params.get("mkdirp", "no") == "yes"
-    root = doc.path.resolve().parent
-    for out in outputs.values():
-        parent = (root / out.path).parent
-        if not out.mkdirp and not parent.is_dir():
-            raise TangleError(doc.path, out.first_line, f"the folder of {out.path} does not exist; "
-                              "add ':mkdirp yes' to create it")
+    check_outputs(doc, outputs)
+    if compile_check:
+        check_compiles(doc, outputs)
     return outputs
 
 
@@ -594,17 +757,45 @@ def file_mode(out: Output) -> int:
     return 0o755 if out.executable else 0o644
 
 
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write through a temporary file in the same folder and rename: never a partial file."""
+def write_temp(path: Path, data: bytes, mode: int) -> Path:
+    """`data` in a temporary file beside `path`, ready to be renamed over it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write through a temporary file in the same folder and rename: never a partial file."""
+    tmp = write_temp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def previous_targets(org: Path) -> list[str]:
+    """The files the last tangle wrote, from its manifest, each checked as a target is.
+
+    Tangle removes a file only because the manifest lists it, so an entry that no block
+    could have written (`../x`, `.git/config`, `llm.org`, a folder) stops everything.
+    """
+    mp = manifest_path(org)
+    files = load_manifest(org).get("files")
+    if not isinstance(files, dict):
+        raise TangleError(mp, None, "is damaged (no list of files); delete it and tangle again")
+    for rel in files:
+        if why := path_problem(org, rel):
+            raise TangleError(mp, None, f"lists {short(rel)!r}, which tangle never writes: {why}. "
+                              f"Nothing was removed; if {mp.name} is damaged, delete it and "
+                              "tangle again")
+    return sorted(files)
 
 
 def status(org: Path, outputs: dict[str, Output]) -> dict[str, list[str]]:
@@ -617,7 +808,7 @@ def status(org: Path, outputs: dict[str, Output]) -> dict[str, list[str]]:
             missing.append(rel)
         elif p.read_bytes() != out.text.encode() or (p.stat().st_mode & 0o777) != file_mode(out):
             stale.append(rel)
-    extra = set(f for f in load_manifest(org)["files"] if f not in outputs and (root / f).exists())
+    extra = set(f for f in previous_targets(org) if f not in outputs and (root / f).exists())
     # Files nobody tangled, in the folders tangle owns (a hand-made build/llm/x.py).
     tops = {Path(rel).parts[0] for rel in outputs if len(Path(rel).parts) > 1}
     for top in tops:
@@ -628,24 +819,61 @@ def status(org: Path, outputs: dict[str, Output]) -> dict[str, list[str]]:
     return {"stale": sorted(stale), "missing": sorted(missing), "extra": sorted(extra)}
 
 
-def write_outputs(org: Path, outputs: dict[str, Output]) -> list[str]:
-    """Write what changed, remove what tangle wrote before and no longer makes."""
+def write_outputs(org: Path, outputs: dict[str, Output], allow_empty: bool = False) -> list[str]:
+    """Write what changed, remove what tangle wrote before and no longer makes.
+
+    All or nothing: every changed file is first written to a temporary beside it (and
+    every missing folder made); only when all of them are there are they renamed into
+    place. A failure before that (a full disk) removes the temporaries and the new
+    folders, and leaves every file as it was.
+    """
     root = org.resolve().parent
-    old = load_manifest(org)["files"]
-    written = []
+    old = previous_targets(org)
+    gone = [rel for rel in old if rel not in outputs and (root / rel).is_file()]
+    if gone and not any(rel in outputs for rel in old) and not allow_empty:
+        listed = ", ".join(gone[:3]) + (", ..." if len(gone) > 3 else "")
+        raise TangleError(org, None, f"tangles none of the {len(gone)} files it made last time "
+                          f"({listed}) and would remove them all; if that is meant, run "
+                          "again with --allow-empty")
+    changed = []
     for rel, out in sorted(outputs.items()):
         p = root / rel
         data = out.text.encode()
         if p.exists() and p.read_bytes() == data and (p.stat().st_mode & 0o777) == file_mode(out):
             continue  # unchanged: keep the mtime, so make and pytest caches stay warm
-        p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(p, data, file_mode(out))
-        written.append(rel)
-    for rel in sorted(set(old) - set(outputs)):
-        p = root / rel
-        if p.is_file():
-            p.unlink()
-            written.append(f"{rel} (removed)")
+        changed.append((rel, p, data, file_mode(out)))
+    made: list[Path] = []             # folders this call created, outermost first
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for rel, p, data, mode in changed:
+            missing = [d for d in [p.parent, *p.parent.parents] if not d.exists()]
+            for d in reversed(missing):
+                d.mkdir()
+                made.append(d)
+            staged.append((write_temp(p, data, mode), p))
+    except OSError as e:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise TangleError(org, None, f"cannot write {rel}: {e.strerror or e}; "
+                          "nothing was changed") from None
+    for tmp, p in staged:
+        os.replace(tmp, p)
+    written = [rel for rel, *_ in changed]
+    for rel in gone:
+        if Path(rel).name.lower() in MAKEFILES:   # it might be the user's now: leave it
+            written.append(f"{rel} (no longer tangled; left in place)")
+            continue
+        try:
+            (root / rel).unlink()
+        except OSError as e:
+            raise TangleError(org, None, f"cannot remove {rel}, which it no longer tangles: "
+                              f"{e.strerror or e}") from None
+        written.append(f"{rel} (removed)")
     manifest = {
         "source": org.name,
         "files": {rel: {"sha256": hashlib.sha256(out.text.encode()).hexdigest(),
@@ -670,7 +898,7 @@ def where(org: Path, spec: str) -> str:
         rel = target.resolve().relative_to(root).as_posix()
     except ValueError:
         rel = target.as_posix()
-    outputs = tangle_document(parse(org))
+    outputs = tangle_document(parse(org), compile_check=False)
     if rel not in outputs:
         raise TangleError(org, None, f"where: {rel} is not tangled from {org.name} "
                           f"(its files: {', '.join(sorted(outputs))})")

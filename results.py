@@ -113,7 +113,7 @@ def specs_of(doc: literate.Document) -> dict[str, Spec]:
         if b.params.get("tangle", "no") != "no":
             raise TangleError(doc.path, b.line, f"result {b.name} is tangled to "
                               f"{b.params['tangle']}: give it :tangle no")
-        if any(literate.NOWEB_REF.search(line) for line in b.body) and b.params["noweb"] != "no":
+        if any(literate.noweb_refs(line) for line in b.body) and b.params["noweb"] != "no":
             raise TangleError(doc.path, b.line, f"result {b.name}: noweb references are not "
                               "supported in results; import from the package instead")
         inputs = b.params.get("inputs", "").split()

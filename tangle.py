@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "tangle":
         parser.add_argument("--check", action="store_true",
                             help="write nothing; exit 1 listing stale, missing and extra files")
+        parser.add_argument("--allow-empty", action="store_true",
+                            help="let one tangle remove every file the previous one wrote "
+                                 "(refused otherwise: an emptied or broken Org file)")
+        parser.add_argument("--no-compile-check", dest="compile_check", action="store_false",
+                            help="write .py targets even when they do not compile as Python "
+                                 "(for Org files whose .py blocks are not Python)")
     if verb == "weave":
         parser.add_argument("-o", "--output", type=Path, help="the PDF to write (default: pdf/NAME.pdf)")
         parser.add_argument("--typst", action="store_true", help="also keep the Typst source beside the PDF")
@@ -61,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             print(where(args.org, args.spec))
             return 0
         if verb == "weave":
-            import weave  # the weave lives beside this file
+            import weave  # only here: weave builds on the core, tangle.py is just the door
             return weave.main(args)
-        outputs = tangle_document(parse(args.org))
+        outputs = tangle_document(parse(args.org), compile_check=args.compile_check)
         if args.check:
             s = status(args.org, outputs)
             problems = [f"{kind}: {f}" for kind in ("stale", "missing", "extra") for f in s[kind]]
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.org}: the tangled files differ from the Org file; run `make tangle` "
                       "(and move any hand edit into the Org file)", file=sys.stderr)
             return 1 if problems else 0
-        written = write_outputs(args.org, outputs)
+        written = write_outputs(args.org, outputs, allow_empty=args.allow_empty)
         for f in written:
             print(f"wrote {f}")
         return 0

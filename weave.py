@@ -92,7 +92,7 @@ def book_model(doc: literate.Document) -> Book:
         refs = []
         if b.params.get("noweb", "no") != "no":
             for line in b.body:
-                refs += [m.group(3) for m in literate.NOWEB_REF.finditer(line)]
+                refs += [name for _, _, name in literate.noweb_refs(line)]
         pieces.append(Piece(b, f"blk-{b.line}", chunk, target, list(dict.fromkeys(refs))))
     # As tangle's Expander reads them: a #+name is one block; a :noweb-ref gathers blocks.
     chunks: dict[str, list[Piece]] = {}

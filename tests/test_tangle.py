@@ -53,13 +53,14 @@ def test_same_files_as_emacs(case, tmp_path, capsys):
     """Each fixture tangles to exactly what Emacs org-babel-tangle wrote (trailing blanks aside)."""
     src = FIXTURES / case
     shutil.copy(src / "input.org", tmp_path / "input.org")
+    # Some fixtures' .py files are fragments, not Python: Emacs does not compile them either.
     if case in REFUSED:
-        assert tangle.main([str(tmp_path / "input.org")]) == 1
+        assert tangle.main(["--no-compile-check", str(tmp_path / "input.org")]) == 1
         err = capsys.readouterr().err
         assert "input.org:" in err and REFUSED[case] in err, err
         assert sorted(tree(tmp_path)) == ["input.org"]
         return
-    assert tangle.main([str(tmp_path / "input.org")]) == 0
+    assert tangle.main(["--no-compile-check", str(tmp_path / "input.org")]) == 0
     expected = {rel: data for rel, data in tree(src / "expected").items()}
     got = {rel: data for rel, data in tree(tmp_path).items()
            if rel not in ("input.org", ".input.tangle.json")}
@@ -179,7 +180,7 @@ def test_comment_subtree_escapes_and_indentation(tmp_path):
               indented = 1
 
           #+end_src
-        """) == 0
+        """, "--no-compile-check") == 0   # `  indented = 1` is Org's rule, not Python
     assert read(tmp_path, "out.py") == (
         "doc = '''\n* a star line\n#+ and a keyword line\n'''\n  indented = 1\n")
 
@@ -210,7 +211,7 @@ def test_noweb_prefix_suffix_recursion_and_refs(tmp_path):
         1,
         2
         #+end_src
-        """) == 0
+        """, "--no-compile-check") == 0   # Org's prefix rule makes `print(1,` here
     assert read(tmp_path, "out.py") == (
         "def f():\n    x = 1\n    y = 2\n    return x + y\nprint(1,\nprint(2)  # done\n")  # the prefix repeats, as in Org
 
