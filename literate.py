@@ -246,6 +246,10 @@ def read_block(path: Path, lines: list[str], i: int, args: str, heading: Heading
         if HEADING.match(lines[k]):
             raise TangleError(path, k + 1, "a line starting with '*' inside a source block "
                               "ends the block in Org; escape it as ',*'")
+        if BEGIN_SRC.match(lines[k]):
+            # Org would tangle this line as code: almost always a lost #+end_src above it.
+            raise TangleError(path, k + 1, f"#+begin_src inside the block of line {start} (is "
+                              "its #+end_src missing?); escape a literal one as ',#+begin_src'")
         body.append(lines[k])
         k += 1
     if k >= len(lines):

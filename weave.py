@@ -138,8 +138,9 @@ def pandoc(doc: literate.Document, args: list[str], text: str) -> tuple[str, str
     """Run the pandoc that pypandoc-binary ships: (stdout, stderr)."""
     import subprocess
     import pypandoc
+    # From the Org file's folder: the one its #+INCLUDE paths were checked against.
     run = subprocess.run([pypandoc.get_pandoc_path(), *args], input=text.encode("utf-8"),
-                         capture_output=True)
+                         capture_output=True, cwd=doc.path.resolve().parent)
     out, err = run.stdout.decode("utf-8"), run.stderr.decode("utf-8", "replace")
     if run.returncode != 0:
         m = re.search(r"line (\d+), column (\d+)\):\s*(.*)", err, re.S)
@@ -152,6 +153,65 @@ def pandoc(doc: literate.Document, args: list[str], text: str) -> tuple[str, str
             raise TangleError(doc.path, line, f"pandoc cannot read column {col}: {detail}")
         raise TangleError(doc.path, None, f"pandoc failed: {err.strip()}")
     return out, err
+
+
+INCLUDE = re.compile(r'^[ \t]*#\+include:[ \t]*(?:"([^"]*)"|(\S+))', re.I)
+
+
+def check_includes(doc: literate.Document) -> None:
+    """Every `#+INCLUDE:` names a file inside the book's folder, as images and targets must.
+
+    Pandoc would embed any file it can read (`/etc/passwd`, `../secret`) and only warn
+    about one it cannot find. An included file's own includes are read from its folder.
+    """
+    root = doc.path.resolve().parent
+    code = set()
+    for b in doc.blocks:                      # inside a source block the line is code
+        code.update(range(b.line, b.end_line + 1))
+
+    def included(text: str, folder: Path, skip: set[int]) -> list[tuple[int, str, Path]]:
+        out = []
+        for k, line in enumerate(text.split("\n"), 1):
+            if k not in skip and (m := INCLUDE.match(line)):
+                name = m.group(1) if m.group(1) is not None else m.group(2)
+                out.append((k, name, folder))
+        return out
+
+    seen: set[Path] = set()
+    todo = [(k, k, name, folder, None) for k, name, folder
+            in included("\n".join(doc.lines), root, code)]
+    while todo:
+        org_line, k, name, folder, parent = todo.pop(0)
+        via = f" (line {k} of {parent.relative_to(root).as_posix()})" if parent else ""
+        shown = literate.short(name)
+        if not name.strip():
+            raise TangleError(doc.path, org_line, f"#+INCLUDE without a file name{via}")
+        p = Path(name)
+        if p.is_absolute() or name.startswith("~") or ".." in p.parts:
+            raise TangleError(doc.path, org_line, f"#+INCLUDE: {shown}{via}: only files inside "
+                              "the book's folder can be included (no absolute path, no '..')")
+        try:
+            real = (folder / p).resolve()
+            inside = real == root or root in real.parents
+            found = real.is_file()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise TangleError(doc.path, org_line, f"#+INCLUDE: {shown}{via}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        if not inside:
+            raise TangleError(doc.path, org_line, f"#+INCLUDE: {shown}{via} leads outside the "
+                              f"book's folder through a symlink (to {literate.short(str(real))})")
+        if not found:
+            raise TangleError(doc.path, org_line, f"#+INCLUDE: {shown}{via} not found (looked "
+                              f"for {literate.short(str(real))})")
+        if real in seen or len(seen) > 100:
+            continue
+        seen.add(real)
+        try:
+            text = real.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        todo += [(org_line, j, n, real.parent, real) for j, n, _ in
+                 included(text, real.parent, set())]
 
 
 def read_org(doc: literate.Document, text: str) -> dict:
@@ -920,6 +980,7 @@ def book_source(org: Path) -> tuple[Book, str]:
     doc = literate.parse(Path(org))
     literate.tangle_document(doc)         # the book must tangle: same errors, same lines
     book = book_model(doc)
+    check_includes(doc)
     ast = read_org(doc, marked_source(doc))
     shown = set()
 
