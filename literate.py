@@ -48,7 +48,10 @@ def short(text: str, width: int = 60) -> str:
 # No pattern here ends in `(.*?)[ \t]*$`: on a long run of blanks that is quadratic in the
 # line's length. They take the rest of the line, and the code strips trailing blanks.
 HEADING = re.compile(r"^(\*+)[ \t]+(.*)$")
-COMMENT_TITLE = re.compile(r"^(?:[A-Z]+[ \t]+)?(?:\[#.\][ \t]+)?COMMENT(?:[ \t]|$)")
+# Org's `COMMENT` heading, as a regexp: ^(?:[A-Z]+[ \t]+)?(?:\[#.\][ \t]+)?COMMENT(?:[ \t]|$)
+# (matched word by word in commented_title: the regexp backtracks through long blank runs).
+TODO_WORD = re.compile(r"[A-Z]+")
+PRIORITY = re.compile(r"\[#.\]")
 BEGIN_SRC = re.compile(r"^[ \t]*#\+begin_src(?:[ \t]+(.*))?$", re.I)
 END_SRC = re.compile(r"^[ \t]*#\+end_src[ \t]*$", re.I)
 # Other verbatim blocks (example, export, ...) hold literal text: no code blocks inside.
@@ -153,7 +156,7 @@ def parse(path: Path, text: str | None = None) -> Document:
             parent = current
             while parent is not None and parent.level >= level:
                 parent = parent.parent
-            commented = bool(COMMENT_TITLE.match(title)) or (parent is not None and parent.commented)
+            commented = commented_title(title) or (parent is not None and parent.commented)
             current = Heading(level, title, lineno, parent, commented)
             headings.append(current)
             i = read_property_drawer(path, lines, i + 1, current)
@@ -176,6 +179,19 @@ def parse(path: Path, text: str | None = None) -> Document:
         i += 1
     check_unique_names(path, blocks)
     return Document(path, lines, headings, blocks, global_props)
+
+
+def commented_title(title: str) -> bool:
+    """COMMENT as the first word, or after a TODO keyword, a priority cookie, or both."""
+    words = re.split(r"[ \t]+", title, maxsplit=3)
+    for k in range(min(3, len(words))):
+        if words[k] == "COMMENT":
+            return True
+        if not (k == 0 and TODO_WORD.fullmatch(words[k])
+                or k < 2 and PRIORITY.fullmatch(words[k])
+                and (k == 0 or TODO_WORD.fullmatch(words[0]))):
+            return False
+    return False
 
 
 def text_line_of_byte(data: bytes, offset: int) -> int:
@@ -329,36 +345,29 @@ EXPANDS_WHEN_INCLUDED = {"yes", "no-export", "strip-export", "eval"}
 # (40,000 characters took 10 s); noweb_refs finds the same references in one pass. The
 # regexp stays as the definition the tests check noweb_refs against.
 NOWEB_REF = re.compile(r"(.*?)(<<([^ \t\n](?:.*?[^ \t\n])?)>>)")
+REF_START = re.compile(r"<<[^ \t\n]")       # a name starts with a non-blank
+REF_CLOSE = re.compile(r"(?<![ \t])>>")       # and ends with one
+ONE_CHAR_REF = re.compile(r"<<([^ \t\n])>>")
 
 
 def noweb_refs(text: str) -> list[tuple[int, int, str]]:
     """Every `<<name>>` of one line as (start, end, name), left to right, like NOWEB_REF.
 
-    Linear: each `<<` is tried once, and the nearest `>>` only moves right (once none is
-    left, only one-character names `<<a>>` can still match, each checked in one step).
+    Org's regexp prefers a name of two characters or more: from a `<<`, the nearest `>>`
+    at least two characters on that a non-blank precedes. Each search below starts where
+    the last one ended, so the line is read once. When no such `>>` is left, none is left
+    for any later `<<` either: only one-character names (`<<a>>`) can still match.
     """
     refs: list[tuple[int, int, str]] = []
-    start, close, none_left = 0, -1, False
-    while (s := text.find("<<", start)) >= 0:
-        if s + 2 >= len(text) or text[s + 2] in " \t\n":
-            start = s + 1                  # a name starts with a non-blank
-            continue
-        # Org's regexp prefers a name of two characters or more: the nearest >> from s + 4
-        # on that a non-blank precedes; a one-character name only when there is none.
-        if not none_left and close < s + 4:
-            close = text.find(">>", s + 4)
-            while close > 0 and text[close - 1] in " \t":
-                close = text.find(">>", close + 1)
-            none_left = close < 0
-        if not none_left:
-            end = close
-        elif text.startswith(">>", s + 3):
-            end = s + 3
-        else:
-            start = s + 1
-            continue
-        refs.append((s, end + 2, text[s + 2:end]))
-        start = end + 2
+    start = 0
+    while m := REF_START.search(text, start):
+        s = m.start()
+        close = REF_CLOSE.search(text, s + 4)
+        if close is None:
+            refs += [(r.start(), r.end(), r.group(1)) for r in ONE_CHAR_REF.finditer(text, s)]
+            break
+        refs.append((s, close.end(), text[s + 2:close.start()]))
+        start = close.end()
     return refs
 
 

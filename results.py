@@ -33,7 +33,10 @@ from literate import TangleError
 
 RESULTS_DIR = "pdf/results"
 # [[result:NAME.KEY]] or [[result:NAME.KEY][description]], not inside =verbatim= or ~code~.
-LINK = re.compile(r"(?<![=~])\[\[result:([^\]\[]+)\](?:\[((?:[^\]]|\](?!\]))*)\])?\]")
+# A link not inside =verbatim= or ~code~; the test of the character before it is made in
+# citations(), so that the search can jump from one `[[result:` to the next.
+# A description stops at the next `[[`, so a run of unclosed links costs linear time.
+LINK = re.compile(r"\[\[result:([^\]\[]+)\](?:\[((?:[^\]\[]|\[(?!\[)|\](?!\]))*)\])?\]")
 NUMBER = re.compile(r"^(-?)(\d{1,3}(?:,\d{3})+|\d*)(?:\.(\d+))?(\s?[kMGT]|%)?$")
 SCALE = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "%": 1e-2}
 
@@ -280,10 +283,16 @@ def citations(doc: literate.Document) -> list[Citation]:
         if re.match(r"^[ \t]*#\+end_(example|export|comment|src)\b", line, re.I):
             inside = False
     out = []
-    for m in LINK.finditer(text):
-        line = text.count("\n", 0, m.start()) + 1
+    pos, line, counted = 0, 1, 0
+    while m := LINK.search(text, pos):
+        pos = m.start() + 1
+        if m.start() > 0 and text[m.start() - 1] in "=~":
+            continue
+        line += text.count("\n", counted, m.start())     # counted once: linear in the file
+        counted = m.start()
         if line not in in_block and not doc.lines[line - 1].lstrip().startswith("#"):
             out.append(Citation(line, m.group(1).strip(), m.group(2)))
+        pos = m.end()
     return out
 
 

@@ -274,7 +274,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 import literate, tangle, weave, results
 org = Path(sys.argv[1])
-t0 = time.perf_counter()
+t0 = time.process_time()     # CPU time: the machine may be busy
 assert tangle.main([str(org)]) == 0
 assert tangle.main(["--check", str(org)]) == 0
 assert tangle.main(["where", "--org", str(org), str(org.parent / "out.py:2")]) == 0
@@ -284,7 +284,7 @@ book = weave.book_model(doc)
 weave.marked_source(doc)
 weave.check_includes(doc)
 results.citations(doc)
-print(f"{time.perf_counter() - t0:.2f}")
+print(f"{time.process_time() - t0:.2f}")
 """
 
 
@@ -311,7 +311,7 @@ def test_two_megabyte_lines_are_linear(tmp_path):
     run = subprocess.run([sys.executable, "-c", HUGE, str(org), str(ROOT)], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) < 20          # quadratic: hours; linear: ~1 s
+    assert float(run.stdout.split()[-1]) < 10          # quadratic: hours; linear: < 1 s
     assert (tmp_path / "out.py").read_text().endswith('y = "2"\n')
 
 
