@@ -16,11 +16,11 @@ The core is three steps, each a section below:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -372,11 +372,17 @@ def noweb_refs(text: str) -> list[tuple[int, int, str]]:
 
 
 def split_header_args(path: Path, line: int, text: str) -> list[tuple[str, str]]:
-    """`:key value :key2 value2` -> [(key, value)], like org-babel-parse-header-arguments.
+    """`:key value :key2 value2` -> [(key, value)], like org-babel-parse-header-arguments."""
+    try:
+        return list(header_args(text))
+    except ValueError as e:
+        raise TangleError(path, line, str(e)) from None
 
-    Org splits before every `:` that follows a blank, outside quotes and parentheses.
-    """
-    pieces, current, depth, quoted = [], "", 0, False
+
+@functools.lru_cache(maxsize=4096)   # an inherited line is read once, not once per block
+def header_args(text: str) -> tuple[tuple[str, str], ...]:
+    """Org splits before every `:` that follows a blank, outside quotes and parentheses."""
+    pieces, current, depth, quoted = [], [], 0, False
     for k, ch in enumerate(text):
         if ch == '"' and (k == 0 or text[k - 1] != "\\"):
             quoted = not quoted
@@ -385,28 +391,27 @@ def split_header_args(path: Path, line: int, text: str) -> list[tuple[str, str]]
         elif not quoted and ch == ")":
             depth -= 1
         if ch == ":" and not quoted and depth == 0 and (k == 0 or text[k - 1] in " \t"):
-            pieces.append(current)
-            current = ""
-        current += ch
-    pieces.append(current)
+            pieces.append("".join(current))
+            current = []
+        current.append(ch)
+    pieces.append("".join(current))
     if pieces[0].strip():
-        raise TangleError(path, line, f"header arguments must start with ':', got {pieces[0].strip()!r}")
+        raise ValueError(f"header arguments must start with ':', got {short(pieces[0].strip())!r}")
     args = []
     for piece in pieces[1:]:
         m = re.match(r":(\S+)(?:[ \t]+(.*))?$", piece.strip(), re.S)
         if not m:
             what = "a ':' without a name" if piece.strip() == ":" else repr(short(piece.strip()))
-            raise TangleError(path, line, f"cannot read the header argument {what}; "
-                              "write ':name value'")
+            raise ValueError(f"cannot read the header argument {what}; write ':name value'")
         key, value = m.group(1).lower(), (m.group(2) or "")
-        args.append((key, read_value(path, line, key, value)))
-    return args
+        args.append((key, read_value(key, value)))
+    return tuple(args)
 
 
-def read_value(path: Path, line: int, key: str, value: str) -> str:
+def read_value(key: str, value: str) -> str:
     """A header value as `org-babel-read` gives it: quotes removed, no Lisp evaluated."""
     if value[:1] in ("(", "'", "`"):
-        raise TangleError(path, line, f":{key} {value}: Emacs Lisp values are not supported")
+        raise ValueError(f":{key} {short(value)}: Emacs Lisp values are not supported")
     if len(value) >= 2 and value[0] == value[-1] == '"':
         body = value[1:-1]
         return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
@@ -653,9 +658,12 @@ def path_problem(org: Path, rel) -> str | None:
     return None
 
 
-def check_target(doc: Document, b: Block, target: str) -> str:
+def check_target(doc: Document, b: Block, target: str, seen: dict | None = None) -> str:
     """A target stays inside the Org file's folder, is a file, and is none of TOOLS & co."""
-    if why := path_problem(doc.path, target):
+    seen = {} if seen is None else seen
+    if target not in seen:
+        seen[target] = path_problem(doc.path, target)
+    if why := seen[target]:
         raise TangleError(doc.path, b.line, f":tangle {short(target)}: {why}")
     rel = Path(target).as_posix()
     if rel.lower() in MAKEFILES and "tangle" not in b.own_args:
@@ -697,6 +705,9 @@ def check_outputs(doc: Document, outputs: dict[str, Output]) -> None:
                               "add ':mkdirp yes' to create it")
 
 
+COMPILED: set[bytes] = set()   # hashes of (file, text) that compiled, in this process
+
+
 def check_compiles(doc: Document, outputs: dict[str, Output]) -> None:
     """Every tangled .py must compile (in memory: compile(), nothing imported or run).
 
@@ -707,10 +718,14 @@ def check_compiles(doc: Document, outputs: dict[str, Output]) -> None:
     for rel, out in outputs.items():
         if not rel.endswith(".py"):
             continue
+        text = out.text
+        key = hashlib.sha256(f"{rel}\0{text}".encode("utf-8", "surrogatepass")).digest()
+        if key in COMPILED:                          # weave and results tangle again
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")      # SyntaxWarning: not our business here
-                compile(out.text, rel, "exec", dont_inherit=True)
+                compile(text, rel, "exec", dont_inherit=True)
         except SyntaxError as e:                     # IndentationError, TabError too
             n = min(max(e.lineno or 1, 1), len(out.lines))
             line = out.lines[n - 1] if out.lines else Line("", out.first_line, rel)
@@ -720,6 +735,9 @@ def check_compiles(doc: Document, outputs: dict[str, Output]) -> None:
             bad = next((x for x in out.lines if "\0" in x.text), None)
             raise TangleError(doc.path, bad.org_line if bad else out.first_line,
                               f"{rel} would not compile: {e}") from None
+        if len(COMPILED) > 1000:
+            COMPILED.clear()
+        COMPILED.add(key)
 
 
 def tangle_document(doc: Document, compile_check: bool = True) -> dict[str, Output]:
@@ -728,8 +746,9 @@ def tangle_document(doc: Document, compile_check: bool = True) -> dict[str, Outp
     expander = Expander(doc)
     live = [b for b in doc.blocks if not b.commented and b.params["tangle"] != "no"]
     outputs: dict[str, Output] = {}
+    problems: dict[str, str | None] = {}    # each target is looked at on disk once
     for b in live:  # document order, whatever the language (Org 9.5)
-        target = check_target(doc, b, target_of(doc, b))
+        target = check_target(doc, b, target_of(doc, b), problems)
         out = outputs.setdefault(target, Output(target, first_line=b.line))
         expand = b.params["noweb"] in EXPANDS_WHEN_TANGLED
         lines = org_trim(expander.body(b, expand)) or [Line("", b.line, b.label)]
