@@ -6,6 +6,9 @@
     python tangle.py where build/llm/x.py:LINE   which llm.org line made that line
     python tangle.py weave llm.org         the book: llm.org -> pdf/llm.pdf
 
+Every tangled .py must compile (--no-compile-check for Org files whose .py blocks are not
+Python), and a tangle that would remove every file the last one wrote needs --allow-empty.
+
 The semantics are Emacs Org 9.x org-babel's (`org-babel-tangle`), so an Emacs user
 who presses C-c C-v t gets the same files. Where Org would silently do something
 surprising (expand an unknown <<reference>> to nothing, loop forever on a cycle,
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         description={"tangle": "Write the code blocks of an Org file to their :tangle files.",
                      "weave": "Turn the Org file into the book, pdf/<name>.pdf.",
                      "where": "Name the Org line that produced a line of a tangled file."}[verb],
-        epilog=__doc__.split("\n\n")[1] if verb == "tangle" else None,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:3]) if verb == "tangle" else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     if verb == "where":
         parser.add_argument("spec", metavar="FILE:LINE", help="a tangled file and a line number")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))            # tangle.py, weave.py
+sys.path.insert(0, str(ROOT))            # tangle.py, literate.py, weave.py, results.py
 sys.path.insert(0, str(ROOT / "build"))  # the package tangled from llm.org
 
 import tangle  # noqa: E402
