@@ -668,7 +668,8 @@ def check_target(doc: Document, b: Block, target: str, seen: dict | None = None)
     rel = Path(target).as_posix()
     if rel.lower() in MAKEFILES and "tangle" not in b.own_args:
         raise TangleError(doc.path, b.line, f":tangle {rel} is inherited here; the Makefile is "
-                          "written only by a block that names it on its own #+begin_src or #+header line")
+                          "written only by a block that names it on its own #+begin_src or "
+                          "#+header line")
     return rel
 
 
