@@ -59,7 +59,7 @@ train: tangle ## train the default model on Shakespeare (about 10 min on a lapto
 
 check: $(STAMP) ## fail if build/ differs from llm.org; test the literate tools
 	$(PY) tangle.py --check $(ORG)
-	$(PY) -m pytest -q tests/test_tangle.py
+	$(PY) -m pytest -q tests/test_tangle.py tests/test_literate.py
 
 clean: ## remove everything generated
 	rm -rf build pdf/llm.pdf pdf/llm.typ .$(basename $(ORG)).tangle.json .pytest_cache
