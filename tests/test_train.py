@@ -145,7 +145,7 @@ def test_missing_and_corrupt_checkpoints(data_dir, tmp_path):
     before = snapshot(run)
     with pytest.raises(train.CheckpointError, match="model.safetensors|not a readable"):
         train.train(tiny(data_dir, run, max_steps=8), model.PRESETS["tiny"], resume=True)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(train.RunError, match="--resume"):
         train.train(tiny(data_dir, run, max_steps=8), model.PRESETS["tiny"])
     assert snapshot(run) == before                                     # nothing overwritten
 
@@ -163,11 +163,11 @@ def test_mixed_precision_and_fast_paths_train(data_dir, tmp_path, dtype, scaler,
 
 
 def test_bad_settings_stop_before_training(tmp_path):
-    with pytest.raises(ValueError, match="warmup_steps"):
+    with pytest.raises(ValueError, match="--warmup-steps must be below --max-steps=10, got 50"):
         train.TrainConfig(max_steps=10, warmup_steps=50)
-    with pytest.raises(ValueError, match="multiple of micro_batch"):
+    with pytest.raises(ValueError, match="multiple of --micro-batch"):
         train.TrainConfig(batch_size=24, micro_batch=16)
-    with pytest.raises(FileNotFoundError, match="python -m llm prepare"):
+    with pytest.raises(train.RunError, match="python -m llm prepare"):
         train.train(train.TrainConfig(data=str(tmp_path / "none"), out=str(tmp_path / "run")),
                     model.PRESETS["tiny"])
 
@@ -186,7 +186,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     from llm.__main__ import main
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--max-steps", "3", "--out", str(out)]) == 2
-    assert "python -m llm train: error: warmup_steps must be in [0, max_steps=3]" in capsys.readouterr().err
+    assert "python -m llm train: error: --warmup-steps must be below --max-steps=3" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--device", "gpu", "--out", str(out)]) == 2
     assert "'gpu' is not a device" in capsys.readouterr().err
     assert not out.exists()
