@@ -321,8 +321,8 @@ def test_resume_to_a_step_already_reached_says_so(finished_run, tmp_path, capsys
     """Item 6: --max-steps below the run's step used to print "trained to step 2"."""
     run = copy_run(finished_run, tmp_path / "run")
     before = snapshot(run)
-    got = cli_train("--out", run, "--resume", "--max-steps", 3, "--warmup-steps", 1)
-    one_line_error(capsys, 2, got, "is already at step 4, past --max-steps 3: nothing was trained")
+    got = cli_train("--out", run, "--resume", "--max-steps", 2)       # below the warmup too
+    one_line_error(capsys, 2, got, "is already at step 4, past --max-steps 2: nothing was trained")
     assert cli_train("--out", run, "--resume") == 0           # at its --max-steps: nothing to do
     assert "is already at step 4 = --max-steps: nothing to train" in capsys.readouterr().out
     assert snapshot(run) == before
