@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -135,3 +136,15 @@ def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
         main(["bench", "model", "--presets", "gpt3", "--peak-sizes", "64",
               "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rounds", "0"], "--rounds must be in [1, inf), got 0"),
+    (["--batch", "-2"], "--batch must be in [1, inf), got -2"),
+    (["--threads", "0"], "--threads must be in [1, inf), got 0"),
+    (["--peak-sizes", "64", "0"], "--peak-sizes must be in [1, inf), got 0")])
+def test_numeric_flags_are_range_checked_before_measuring(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        main(["bench", "model", *flags, "--json", str(tmp_path / "b.json"),
+              "--plot", str(tmp_path / "b.png")])
+    assert not (tmp_path / "b.json").exists()

@@ -2,6 +2,7 @@
 import hashlib
 import io
 import json
+import re
 import subprocess
 import tarfile
 
@@ -123,7 +124,7 @@ def test_non_utf8_file_names_file_and_offset(tmp_path):
 
 
 def test_vocab_size_too_small_writes_nothing(tmp_path, corpus):
-    with pytest.raises(ValueError, match="vocab_size 200 is too small"):
+    with pytest.raises(ValueError, match=re.escape("--vocab-size must be in [257, inf), got 200")):
         prepare(tmp_path / "data" / "x", corpus, vocab_size=200)
     assert nothing_written(tmp_path / "data")
 
@@ -141,6 +142,47 @@ def test_a_failure_while_writing_leaves_the_old_folder(tmp_path, corpus, monkeyp
         prepare(out, corpus, force=True)
     assert before == {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(p.name for p in out.parent.iterdir()) == ["x"]
+
+
+@pytest.mark.parametrize("interval, good, bad", [
+    ("[0, 1)", [0, 0.5], [1, -0.1, float("nan"), float("inf")]),
+    ("(0, inf)", [1e-9, 1e300], [0, -1, float("inf"), float("nan")]),
+    ("(-inf, inf)", [-1e300, 0], [float("inf"), float("-inf"), float("nan")]),
+    ("(0, 1]", [1, 0.1], [0, 1.01])])
+def test_check_range_reads_intervals_as_mathematics(interval, good, bad):
+    for value in good:
+        data.check_range("top_p", value, interval)
+    for value in bad:
+        with pytest.raises(ValueError, match=re.escape(f"--top-p must be in {interval}, got")):
+            data.check_range("top_p", value, interval)
+
+
+def test_prepare_replaces_only_a_folder_it_made(tmp_path, corpus, capsys):
+    """A mistyped --out must never delete or rename a user's files (issue 13, item 1)."""
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "hamlet.txt").write_text(BOOK[:20000])
+    before = snapshot(tmp_path)
+    for out in (books, books / "hamlet.txt"):      # a folder of the user's, a file of the user's
+        assert cli(["prepare", "--text", str(books / "hamlet.txt"), "--tokenizer", "char",
+                    "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"prepare: error: --out {out} is ") and err.count("\n") == 1
+        assert snapshot(tmp_path) == before            # nothing deleted, renamed or added
+    prepared = tmp_path / "d"
+    prepare(prepared, corpus)
+    prepare(prepared, corpus, vocab_size=300)      # its own folder: replaced
+    assert data.read_meta(prepared)["vocab_size"] == 300
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    (prepared / "notes.txt").write_text("mine")    # now it holds something prepare did not make
+    with pytest.raises(ValueError, match="not a folder made by prepare.*notes.txt"):
+        prepare(prepared, corpus, vocab_size=400)
+    assert (prepared / "notes.txt").read_text() == "mine"
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
 
 
 def test_failed_download_says_what_to_do_offline(tmp_path, monkeypatch):

@@ -181,6 +181,16 @@ def test_encoder_matches_tiktoken(big_text, pattern):
     assert tok.encode(big_text, allowed_special="all") == enc.encode(big_text, allowed_special="all")
 
 
+def test_lone_surrogates_encode_as_tiktoken_encodes_them():
+    """tiktoken reads a lone surrogate as U+FFFD and joins a split pair; ours must too."""
+    tok = BPETokenizer.train(BOOK[:20000] + "a\ufffdb \U0001F600" * 3, 400)
+    enc = tok.to_tiktoken()
+    for text in ["a\ud800b", "\udfff", "x \ud83d\ude00 y", "\ud800" * 3 + " c"]:
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text), repr(text)
+        assert tok.encode(text) == enc.encode(text)
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"
+
+
 def test_pre_tokenizers_match_tiktoken_patterns(big_text, monkeypatch, book_bpe):
     """Our patterns cut text exactly as tiktoken's published ones (GPT-2 and cl100k)."""
     assert regex.findall(GPT2_PATTERN, big_text) == regex.findall(openai_public.r50k_pat_str, big_text)

@@ -145,7 +145,7 @@ def test_missing_and_corrupt_checkpoints(data_dir, tmp_path):
     before = snapshot(run)
     with pytest.raises(train.CheckpointError, match="model.safetensors|not a readable"):
         train.train(tiny(data_dir, run, max_steps=8), model.PRESETS["tiny"], resume=True)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(train.RunError, match="--resume"):
         train.train(tiny(data_dir, run, max_steps=8), model.PRESETS["tiny"])
     assert snapshot(run) == before                                     # nothing overwritten
 
@@ -163,11 +163,11 @@ def test_mixed_precision_and_fast_paths_train(data_dir, tmp_path, dtype, scaler,
 
 
 def test_bad_settings_stop_before_training(tmp_path):
-    with pytest.raises(ValueError, match="warmup_steps"):
+    with pytest.raises(ValueError, match="--warmup-steps must be below --max-steps=10, got 50"):
         train.TrainConfig(max_steps=10, warmup_steps=50)
-    with pytest.raises(ValueError, match="multiple of micro_batch"):
+    with pytest.raises(ValueError, match="multiple of --micro-batch"):
         train.TrainConfig(batch_size=24, micro_batch=16)
-    with pytest.raises(FileNotFoundError, match="python -m llm prepare"):
+    with pytest.raises(train.RunError, match="python -m llm prepare"):
         train.train(train.TrainConfig(data=str(tmp_path / "none"), out=str(tmp_path / "run")),
                     model.PRESETS["tiny"])
 
@@ -186,7 +186,209 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     from llm.__main__ import main
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--max-steps", "3", "--out", str(out)]) == 2
-    assert "python -m llm train: error: warmup_steps must be in [0, max_steps=3]" in capsys.readouterr().err
+    assert "python -m llm train: error: --warmup-steps must be below --max-steps=3" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--device", "gpu", "--out", str(out)]) == 2
     assert "'gpu' is not a device" in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- issue 13: no command loses a run or trains silently wrong --------------------------------
+
+def cli_train(*flags: str) -> int:
+    from llm.__main__ import main
+    return main(["train", *map(str, flags)])
+
+
+def tiny_flags(data_dir: Path, out: Path, *more) -> list:
+    return ["--preset", "tiny", "--data", data_dir, "--out", out, "--max-steps", 4,
+            "--warmup-steps", 2, "--eval-every", 4, "--eval-batches", 1, "--log-every", 2,
+            "--sample-tokens", 0, *more]
+
+
+def one_line_error(capsys, status: int, got: int, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert got == status, err
+    line = err.rstrip("\n").split("\n")[-1]       # after the progress bar, if it had started
+    assert line.startswith("python -m llm train: error: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in line, err
+    return line
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory) -> Path:
+    """A tiny run trained to step 4: copy it, never change it."""
+    run = tmp_path_factory.mktemp("runs") / "done"
+    train.train(tiny(data_dir, run, max_steps=4), model.PRESETS["tiny"])
+    return run
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+    shutil.copytree(run, to)
+    return to
+
+
+def test_overwrite_checks_everything_before_touching_the_old_run(data_dir, finished_run,
+                                                                 tmp_path, capsys, monkeypatch):
+    """Item 2: a bad --data or --lr 0 with --overwrite used to delete the run, then fail."""
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    before = snapshot(run)
+    for bad in (["--data", tmp_path / "typo"], ["--lr", 0, "--min-lr", 0]):
+        got = cli_train(*tiny_flags(data_dir, run, "--overwrite"), *bad)
+        one_line_error(capsys, 2, got, str(bad[1]) if bad[0] == "--data" else "--lr")
+        assert snapshot(run) == before
+    real_lr_at = train.lr_at                        # a failure after the start, before step 4
+
+    def crash(step, *args):
+        if step == 2:
+            raise KeyboardInterrupt("killed")
+        return real_lr_at(step, *args)
+    monkeypatch.setattr(train, "lr_at", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny(data_dir, run, max_steps=4, seed=7), model.PRESETS["tiny"], overwrite=True)
+    assert snapshot(run) == before                  # the old run is back, whole
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    train.train(tiny(data_dir, run, max_steps=4, seed=7), model.PRESETS["tiny"], overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt-0000004", "loss.png", "metrics.jsonl",
+                                                     "notes.txt"]
+    assert (run / "notes.txt").read_text() == "mine"
+    new, old = weights(run), weights(finished_run)
+    assert any(not torch.equal(new[k], old[k]) for k in new)     # seed 7: a different run
+
+
+def test_a_resumed_copy_trains_the_folder_named(data_dir, finished_run, tmp_path, capsys):
+    """Item 3: `cp -r a b; train --out b --resume` must write b/, not the a/ in config.json."""
+    a = copy_run(finished_run, tmp_path / "a")
+    b = copy_run(a, tmp_path / "b")
+    before = snapshot(a)
+    assert cli_train("--out", b, "--resume", "--max-steps", 8) == 0
+    assert snapshot(a) == before
+    assert train.find_checkpoint(b).name == "ckpt-0000008"
+    saved = json.loads((train.find_checkpoint(b) / "config.json").read_text())
+    assert saved["train"]["out"] == str(b)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-clip", "-1"], "--grad-clip must be in [0, inf), got -1.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be in [0, inf), got -1.0"),
+    (["--lr", "0", "--min-lr", "0"], "--lr must be in (0, inf), got 0.0"),
+    (["--lr", "nan"], "--lr must be in (0, inf), got nan"),
+    (["--lr", "inf"], "--lr must be in (0, inf), got inf"),
+    (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr must be at most --lr=0.01, got 0.1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be in [0, inf), got -1"),
+    (["--warmup-steps", "4"], "--warmup-steps must be below --max-steps=4, got 4"),
+    (["--max-steps", "0"], "--max-steps must be in [1, inf), got 0"),
+    (["--batch-size", "16", "--micro-batch", "3"], "--batch-size 16 is not a multiple of"),
+    (["--micro-batch", "0"], "--micro-batch must be in [1, inf), got 0"),
+    (["--sample-tokens", "-5"], "--sample-tokens must be in [0, inf), got -5"),
+    (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
+    (["--dropout", "nan"], "dropout must be in [0, 1), got nan")])
+def test_every_numeric_flag_is_range_checked(data_dir, tmp_path, capsys, flags, message):
+    """Item 4: --grad-clip -1 used to train by gradient ascent and exit 0."""
+    got = cli_train(*tiny_flags(data_dir, tmp_path / "run"), *flags)
+    one_line_error(capsys, 2, got, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_huge_block_size_fails_at_once(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "device_memory", lambda device: 64 * 2**30)
+    got = cli_train("--preset", "cpu", "--data", data_dir, "--out", tmp_path / "run",
+                    "--block-size", 100_000)
+    one_line_error(capsys, 2, got, "--block-size 100000 with --micro-batch 16 needs about",
+                   "more than the 64 GiB")
+    got = cli_train(*tiny_flags(data_dir, tmp_path / "run", "--block-size", 20_000))
+    one_line_error(capsys, 2, got, "too few for --block-size 20000")   # the corpus is shorter
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_other_data(data_dir, finished_run, tmp_path, capsys):
+    """Item 5: another corpus of the same vocabulary size used to be trained on silently."""
+    other = tmp_path / "other"
+    data.prepare(other, [("x", TEXT[::-1])], source="reversed", vocab_size=320, progress=False)
+    run = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(run)
+    got = cli_train("--out", run, "--resume", "--max-steps", 8, "--data", other)
+    one_line_error(capsys, 2, got, f"was trained on {data_dir}", f"--data {other} has a "
+                   "different tokenizer")
+    assert snapshot(run) == before
+    moved = copy_run(data_dir, tmp_path / "moved")  # the same data elsewhere is the same data
+    assert cli_train("--out", run, "--resume", "--max-steps", 8, "--data", moved) == 0
+
+
+def test_resume_to_a_step_already_reached_says_so(finished_run, tmp_path, capsys):
+    """Item 6: --max-steps below the run's step used to print "trained to step 2"."""
+    run = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(run)
+    got = cli_train("--out", run, "--resume", "--max-steps", 2)       # below the warmup too
+    one_line_error(capsys, 2, got, "is already at step 4, past --max-steps 2: nothing was trained")
+    assert cli_train("--out", run, "--resume") == 0           # at its --max-steps: nothing to do
+    assert "is already at step 4 = --max-steps: nothing to train" in capsys.readouterr().out
+    assert snapshot(run) == before
+
+
+def test_damaged_runs_are_one_line_errors(data_dir, finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    got = cli_train(*tiny_flags(data_dir, run))
+    one_line_error(capsys, 2, got, "already holds a run; pass --resume")
+    ckpt = train.find_checkpoint(run)
+    for name in ("trainer.pt", "model.safetensors"):
+        broken = copy_run(run, tmp_path / name)
+        (broken / ckpt.name / name).write_bytes(b"\x00garbage" * 10)
+        got = cli_train("--out", broken, "--resume", "--max-steps", 8)
+        one_line_error(capsys, 2, got, f"{name} is unreadable")
+    (run / "metrics.jsonl").open("a").write('{"step": 5, "lo')     # torn by a kill
+    assert cli_train("--out", run, "--resume", "--max-steps", 8) == 0
+    capsys.readouterr()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 8
+    got = cli_train(*tiny_flags(tmp_path / "nowhere", tmp_path / "new"))
+    one_line_error(capsys, 2, got, f"--data {tmp_path / 'nowhere'}: no prepared data there")
+    (tmp_path / "file").write_text("x")
+    got = cli_train(*tiny_flags(data_dir, tmp_path / "file" / "run"))
+    one_line_error(capsys, 2, got, "is not a folder we can write in")
+
+
+def test_a_full_disk_keeps_the_last_checkpoint(data_dir, finished_run, tmp_path, capsys,
+                                               monkeypatch):
+    import errno
+    run = copy_run(finished_run, tmp_path / "run")
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kw):
+        f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    got = cli_train("--out", run, "--resume", "--max-steps", 8)
+    one_line_error(capsys, 1, got, "could not save", "No space left on device",
+                   "kept " + str(run / "ckpt-0000004"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt-0000004", "loss.png", "metrics.jsonl"]
+    train.load_checkpoint(run)
+    assert cli_train("--out", run, "--resume", "--max-steps", 8) == 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny(data_dir, run, max_steps=4), model.PRESETS["tiny"])
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]   # no checkpoint: no run
+    monkeypatch.undo()
+    train.train(tiny(data_dir, run, max_steps=4), model.PRESETS["tiny"])  # no --overwrite needed
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 2, 4, 4]                    # one run's log, not two
+
+
+def test_float16_loss_scale_has_a_floor(data_dir, tmp_path, monkeypatch):
+    real = train.accumulate_gradients
+
+    def overflowing(model, *args):                  # every step's gradients hold an inf
+        loss = real(model, *args)
+        next(model.parameters()).grad[0] = math.inf
+        return loss
+    monkeypatch.setattr(train, "accumulate_gradients", overflowing)
+    cfg = tiny(data_dir, tmp_path / "run", dtype="float16", max_steps=40, eval_every=40)
+    with pytest.raises(FloatingPointError, match=r"loss scale fell below 1 at step 17 \(17 steps"):
+        train.train(cfg, model.PRESETS["tiny"])
