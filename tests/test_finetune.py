@@ -1,0 +1,154 @@
+"""Finetuning: speeches read from a play, the split, a classifier that learns a planted task,
+right padding that changes nothing, and the commands' one-line errors."""
+import dataclasses
+import random
+import subprocess
+
+import pytest
+import torch
+
+pytest.importorskip("llm.finetune")
+from llm import finetune as ft, model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gpt(vocab_size: int = 16, seed: int = 0, **changes) -> model.GPT:
+    torch.manual_seed(seed)
+    config = dataclasses.replace(model.PRESETS["tiny"], vocab_size=vocab_size, **changes)
+    return model.GPT(config)
+
+
+PLAY = """THE TRAGEDY OF A TEST
+
+ACT I.
+
+Scene I. A room.
+
+[Enter ROMEO and the Nurse.]
+
+ROMEO.
+But soft, what light
+through yonder window breaks?
+
+First Citizen.
+[Aside] Aside to no one.
+Speak, speak.
+
+THESEUS
+No full stop after my name.
+
+ACT II.
+
+HAMLET.
+To be, or not to be.
+"""
+
+
+def test_speeches_are_read_with_speaker_and_split():
+    speeches = ft.play_speeches("hamlet", PLAY, test_fraction=0.15)
+    assert [(s.speaker, s.text) for s in speeches] == [
+        ("ROMEO", "But soft, what light\nthrough yonder window breaks?"),
+        ("FIRST CITIZEN", "[Aside] Aside to no one.\nSpeak, speak."),
+        ("THESEUS", "No full stop after my name."),
+        ("HAMLET", "To be, or not to be.")]
+    assert [s.split for s in speeches] == ["train", "train", "train", "test"]   # the last 15%
+
+
+def test_genre_examples_are_balanced_and_from_one_split():
+    speeches = [ft.Speech(play, "X", f"{play} {split} {i} " + "word " * 30, split)
+                for play in ("hamlet", "tempest", "henry_v") for i in range(20)
+                for split in ("train", "test")]
+    train = ft.genre_examples(speeches, "train", 5, seed=0)
+    assert sorted(y for _, y in train) == [0] * 5 + [1] * 5 + [2] * 5
+    assert all(ft.PLAYS[text.split()[0]][1] == ft.GENRES[y] for text, y in train)
+    assert train == ft.genre_examples(speeches, "train", 5, seed=0)        # seeded
+    test = ft.genre_examples(speeches, "test", 100, seed=1)
+    assert len(test) == 60 and all(text.split()[1] == "test" for text, _ in test)
+
+
+def test_right_padding_leaves_the_last_real_token_alone():
+    net = tiny_gpt().eval()
+    rows = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    ids, lengths = ft.pad(rows, value=0)
+    assert ids.tolist()[2] == [10, 0, 0, 0, 0, 0] and lengths.tolist() == [3, 6, 1]
+    batched = ft.class_logits(ft.make_classifier(net, 3), ids, lengths)
+    for i, row in enumerate(rows):
+        alone = ft.class_logits(net, torch.tensor([row]), torch.tensor([len(row)]))
+        assert torch.allclose(batched[i], alone[0], atol=1e-6)
+
+
+def planted(n: int, rng: random.Random) -> list[tuple[list[int], int]]:
+    """Class k: a row of noise tokens (4..15) with token k somewhere in it."""
+    rows = []
+    for _ in range(n):
+        k, row = rng.randrange(3), [rng.randrange(4, 16) for _ in range(rng.randrange(4, 12))]
+        row.insert(rng.randrange(len(row) + 1), k)
+        rows.append((row, k))
+    return rows
+
+
+def test_a_classifier_learns_a_planted_separable_task():
+    rng = random.Random(0)
+    train, test = planted(300, rng), planted(90, rng)
+    net = ft.make_classifier(tiny_gpt(), 3)
+    params = ft.choose_trainable(net, "all")
+    net.train()
+    costs = ft.finetune_steps(params, lambda step: ft.classifier_loss(net, train, 32, rng, 15),
+                              steps=80, lr=3e-3, desc="test")
+    guesses = ft.predict(net, [ids for ids, _ in test], pad_id=15)
+    accuracy = sum(g == y for g, (_, y) in zip(guesses, test)) / len(test)
+    assert accuracy >= 0.97, accuracy
+    assert costs["losses"][-1] < 0.2 < costs["losses"][0]
+    assert costs["optimizer_bytes"] == 2 * 4 * sum(p.numel() for p in params)   # m and v, fp32
+
+
+def test_top_and_lora_modes_train_what_they_say():
+    net = ft.make_classifier(tiny_gpt(), 3)
+    top = ft.choose_trainable(net, "top")
+    names = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("blocks.1.", "norm_f.", "lm_head.")) for n in names)
+    assert len(top) == len(names)
+    net = ft.make_classifier(tiny_gpt(), 3)
+    ft.choose_trainable(net, "lora", rank=2, alpha=4)
+    names = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert all(n.endswith((".A", ".B")) or n.startswith("lm_head.") for n in names)
+    with pytest.raises(ValueError, match="unknown training mode"):
+        ft.choose_trainable(net, "half")
+
+
+def test_naive_bayes_separates_a_planted_task():
+    rng = random.Random(1)
+    train, test = planted(200, rng), planted(60, rng)
+    bayes = ft.naive_bayes(train, V=16, k=3)
+    assert sum(bayes(ids) == y for ids, y in test) / len(test) >= 0.95
+
+
+def run_llm(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m llm ARGS`, run in this process (a new Python would import torch again)."""
+    from llm.__main__ import main
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_the_commands_fail_in_one_line(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    r = run_llm(capsys, "finetune", "classify", "--checkpoint", str(tmp_path), "--out", str(out),
+                "--overwrite")
+    assert r.returncode == 2 and "not made by" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert (out / "precious.txt").read_text() == "keep me"
+    r = run_llm(capsys, "finetune", "classify", "--checkpoint", str(tmp_path / "none"),
+                "--out", str(tmp_path / "new"))
+    assert r.returncode == 2 and "no checkpoint at" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "new").exists()
+    r = run_llm(capsys, "finetune", "classify", "--checkpoint", "x", "--out", "y", "--steps", "0")
+    assert r.returncode == 2 and "--steps must be >= 1" in r.stderr
