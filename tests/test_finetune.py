@@ -2,6 +2,7 @@
 right padding that changes nothing, and the commands' one-line errors."""
 import dataclasses
 import random
+import re
 import subprocess
 
 import pytest
@@ -152,3 +153,108 @@ def test_the_commands_fail_in_one_line(tmp_path, capsys):
     assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "new").exists()
     r = run_llm(capsys, "finetune", "classify", "--checkpoint", "x", "--out", "y", "--steps", "0")
     assert r.returncode == 2 and "--steps must be >= 1" in r.stderr
+
+
+# --- instructions: the template, the masked loss, the chat memory -------------------------
+
+def chat_tokenizer():
+    from llm.tokenizer import BPETokenizer, EOT
+    tok = BPETokenizer.train("to be or not to be, that is the question " * 20, 300,
+                             special_tokens=(EOT,))
+    net = tiny_gpt(vocab_size=tok.vocab_size, block_size=64)
+    return net, ft.add_chat_tokens(net, tok)
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Who says <|end|> to be?"},
+                {"role": "assistant", "content": "HAMLET"}]
+
+
+def test_the_template_round_trips_through_the_tokenizer(tmp_path):
+    net, tok = chat_tokenizer()
+    V = tok.vocab_size - 4                                          # before the chat tokens
+    assert [tok.special_tokens[t] for t in ft.CHAT_TOKENS] == [V, V + 1, V + 2, V + 3]
+    assert net.config.vocab_size == V + 4 and net.tok_emb.weight.shape[0] == V + 4
+    assert net.lm_head.weight is net.tok_emb.weight                # still tied
+    assert torch.allclose(net.tok_emb.weight[V + 3], net.tok_emb.weight[:V].mean(0))
+    ids, learn = ft.encode_chat(tok, CONVERSATION)
+    assert tok.decode(ids) == ft.render(CONVERSATION)
+    assert ids.count(tok.special_tokens["<|end|>"]) == 3   # the typed "<|end|>" is plain text
+    tok.save(tmp_path / "tokenizer.json")
+    from llm.tokenizer import load_tokenizer
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again.special_tokens == tok.special_tokens
+    assert ft.encode_chat(again, CONVERSATION) == (ids, learn)
+    answer = [i for i, keep in zip(ids, learn) if keep]
+    assert tok.decode(answer) == "HAMLET<|end|>"
+
+
+def test_the_answer_mask_zeroes_the_loss_on_prompt_tokens():
+    net, tok = chat_tokenizer()
+    x, y = ft.chat_example(tok, CONVERSATION)
+    answer = [i for i, t in enumerate(y) if t != ft.IGNORE]
+    assert [tok.decode([y[i]]) for i in answer][-1] == "<|end|>"
+    assert len(x) == len(y) and x[answer[0]] == tok.special_tokens["<|assistant|>"]
+    # by hand: V = 3, two positions, the first masked; loss = -log softmax(z)[y] of the second
+    logits = torch.tensor([[[5.0, 1.0, 0.0], [1.0, 2.0, 3.0]]])
+    targets = torch.tensor([[ft.IGNORE, 1]])
+    expected = -(2.0 - torch.log(torch.exp(torch.tensor([1.0, 2.0, 3.0])).sum()))
+    assert torch.allclose(ft.masked_loss(logits, targets), expected)
+    logits.requires_grad_(True)
+    ft.masked_loss(logits, targets).backward()
+    assert torch.equal(logits.grad[0, 0], torch.zeros(3))        # no gradient from the prompt
+
+
+def test_a_padded_batch_gives_each_conversation_its_own_loss():
+    net, tok = chat_tokenizer()
+    short = ft.chat_example(tok, CONVERSATION[1:])
+    long = ft.chat_example(tok, CONVERSATION)
+    ids, targets = ft.chat_batch([short, long], pad_id=0)
+    assert (targets[0, len(short[1]):] == ft.IGNORE).all()
+    net.eval()
+    logits, _ = net(ids)
+    alone, _ = net(torch.tensor([short[0]]))
+    assert torch.allclose(logits[0, :len(short[0])], alone[0], atol=1e-5)
+
+
+def test_chat_memory_drops_the_oldest_whole_turns_first():
+    from llm.chat import fit_turns
+    turns = [[1] * 5, [2] * 3, [3] * 4, [4] * 2]
+    assert fit_turns(turns, 100) == turns
+    assert fit_turns(turns, 6) == [[3] * 4, [4] * 2]
+    assert fit_turns(turns, 8) == [[3] * 4, [4] * 2]            # [2]*3 would not fit whole
+    assert fit_turns(turns, 9) == [[2] * 3, [3] * 4, [4] * 2]
+    assert fit_turns(turns, 11, keep_first=True) == [[1] * 5, [3] * 4, [4] * 2]
+    assert fit_turns(turns, 10, keep_first=True) == [[1] * 5, [4] * 2]   # the system turn stays
+    assert fit_turns(turns, 1) == []
+
+
+def test_a_chat_answers_within_the_window_and_remembers():
+    from llm.chat import Chat
+    from llm.generate import Sampling
+    net, tok = chat_tokenizer()
+    net.eval()
+    chat = Chat(net, tok, Sampling(temperature=0, max_new_tokens=4), system="Be brief.")
+    for _ in range(4):
+        chat.say("to be or not to be")
+    assert len(chat.turns) == 1 + 2 * 4 and chat.turns[0][0] == tok.special_tokens["<|system|>"]
+    assert all(t[-1] == tok.special_tokens["<|end|>"] for t in chat.turns)
+
+
+def test_conversations_load_from_jsonl_with_errors_naming_the_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"instruction": "Name a play.", "input": "", "output": "Hamlet"}\n\n'
+                    '{"messages": [{"role": "user", "content": "Hi"}, '
+                    '{"role": "assistant", "content": "Well met."}]}\n')
+    assert ft.load_conversations(good) == [
+        [{"role": "user", "content": "Name a play."}, {"role": "assistant", "content": "Hamlet"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well met."}]]
+    cases = {'{"instruction": "x", "output": "y"}\n{"text": 1}\n': ":2: expected",
+             '{"instruction": "x"': ":1: not JSON",
+             '{"messages": [{"role": "robot", "content": "x"}]}': ":1: each message needs",
+             '{"messages": [{"role": "user", "content": "x"}]}': ":1: no assistant message"}
+    for text, message in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{bad}{message}")):
+            ft.load_conversations(bad)
