@@ -1,6 +1,7 @@
 """Finetuning: speeches read from a play, the split, a classifier that learns a planted task,
 right padding that changes nothing, and the commands' one-line errors."""
 import dataclasses
+import math
 import random
 import re
 import subprocess
@@ -258,3 +259,42 @@ def test_conversations_load_from_jsonl_with_errors_naming_the_line(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match=re.escape(f"{bad}{message}")):
             ft.load_conversations(bad)
+
+
+# --- DPO ------------------------------------------------------------------------------------
+
+def test_dpo_loss_is_ln2_when_the_policy_is_the_reference():
+    logp = torch.tensor([-3.0, -7.5, -1.25])
+    loss, r_w, r_l = ft.dpo_loss(logp, logp - 2, logp, logp - 2, beta=0.1)
+    assert torch.allclose(loss, torch.tensor(math.log(2)))
+    assert torch.equal(r_w, torch.zeros(3)) and torch.equal(r_l, torch.zeros(3))
+
+
+def test_dpo_loss_equals_a_hand_computed_value():
+    # one pair: policy log p = -2 (chosen), -5 (rejected); reference -3 and -4; beta = 0.5
+    # margin = 0.5 * ((-2 + 3) - (-5 + 4)) = 1.0; loss = -log sigmoid(1) = log(1 + e^-1)
+    loss, r_w, r_l = ft.dpo_loss(torch.tensor([-2.0]), torch.tensor([-5.0]),
+                                 torch.tensor([-3.0]), torch.tensor([-4.0]), beta=0.5)
+    assert abs(loss.item() - math.log(1 + math.exp(-1))) < 1e-6        # 0.313262
+    assert r_w.item() == 0.5 and r_l.item() == -0.5
+
+
+def test_continuation_logprob_sums_the_answer_tokens_only():
+    net = tiny_gpt().eval()
+    prompts, answers = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
+    got = ft.continuation_logprob(net, prompts, answers, pad_id=0)
+    for k, (p, a) in enumerate(zip(prompts, answers)):
+        ids = torch.tensor([p + a])
+        log_p = torch.log_softmax(net(ids)[0][0], -1)
+        expected = sum(log_p[len(p) - 1 + i, tok] for i, tok in enumerate(a))
+        assert torch.allclose(got[k], expected, atol=1e-5)
+
+
+def test_preference_pairs_shuffle_the_true_next_line():
+    speeches = [ft.Speech("hamlet", "HAMLET", "To be, or not to be,\nthat is the question: "
+                          "whether 'tis nobler\nin the mind", "train"),
+                ft.Speech("hamlet", "HAMLET", "Too short\nno no no no", "train")]
+    [(prompt, chosen, rejected)] = ft.preference_pairs(speeches, "train", 5, seed=0)
+    assert prompt == "HAMLET.\nTo be, or not to be,\n"
+    assert chosen == "that is the question: whether 'tis nobler\n"
+    assert rejected != chosen and sorted(rejected.split()) == sorted(chosen.split())
