@@ -62,7 +62,7 @@ train: tangle ## train the default model on Shakespeare (about 10 min on a lapto
 # few minutes on a laptop CPU, into runs/finetune/ (the book's frozen results read their reports):
 #   make finetune-classify   comedy, history or tragedy: all weights, the top block, LoRA
 #   make finetune-instruct   a chat model (then: python -m llm chat --checkpoint runs/finetune/chat)
-#   make finetune-dpo        DPO on true lines against shuffled ones
+#   make finetune-dpo        DPO: true lines preferred to ones with two words swapped
 FT_OUT ?= runs/finetune
 LLM := $(MALLOC) PYTHONPATH=build $(PY) -m llm
 

@@ -298,3 +298,5 @@ def test_preference_pairs_shuffle_the_true_next_line():
     assert prompt == "HAMLET.\nTo be, or not to be,\n"
     assert chosen == "that is the question: whether 'tis nobler\n"
     assert rejected != chosen and sorted(rejected.split()) == sorted(chosen.split())
+    w, r = chosen.split(), rejected.split()
+    assert sum(a != b for a, b in zip(w, r)) == 2                # two neighbours swapped
