@@ -300,3 +300,36 @@ def test_preference_pairs_shuffle_the_true_next_line():
     assert rejected != chosen and sorted(rejected.split()) == sorted(chosen.split())
     w, r = chosen.split(), rejected.split()
     assert sum(a != b for a, b in zip(w, r)) == 2                # two neighbours swapped
+
+
+def test_instruct_with_lora_writes_a_checkpoint_that_chats(tmp_path, capsys):
+    import json
+    import safetensors.torch
+    from llm.chat import Chat
+    from llm.generate import Sampling
+    from llm.tokenizer import EOT, BPETokenizer
+    from llm.train import load_checkpoint
+    tok = BPETokenizer.train("to be or not to be, that is the question " * 20, 300,
+                             special_tokens=(EOT,))
+    net = tiny_gpt(vocab_size=tok.vocab_size, block_size=64)
+    base = tmp_path / "base"
+    base.mkdir()
+    safetensors.torch.save_model(net, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"model": net.config.to_dict()}))
+    tok.save(base / "tokenizer.json")
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n"
+                            for w in ["to", "be", "or", "not", "that", "is"] * 4))
+    out = tmp_path / "chat"
+    r = run_llm(capsys, "finetune", "instruct", "--checkpoint", str(base), "--out", str(out),
+                "--data", str(data), "--steps", "3", "--train", "lora", "--lora-rank", "2")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_examples"] == 22 and set(report["before"]) == {"answer_loss", "exact_all"}
+    assert (out / "adapter.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size
+    chat_model, chat_tok, config = load_checkpoint(out)
+    assert config.vocab_size == tok.vocab_size + 4 and "<|end|>" in chat_tok.special_tokens
+    Chat(chat_model, chat_tok, Sampling(temperature=0, max_new_tokens=3)).say("say to")
+    r = run_llm(capsys, "finetune", "instruct", "--checkpoint", str(base), "--out", str(out),
+                "--data", str(data))
+    assert r.returncode == 2 and "exists" in r.stderr                 # no --overwrite
