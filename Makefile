@@ -68,10 +68,12 @@ LLM := $(MALLOC) PYTHONPATH=build $(PY) -m llm
 
 finetune: finetune-classify finetune-instruct finetune-dpo ## finetune the default model: classifier, LoRA, chat, DPO (runs/finetune/)
 
+# The three classifiers train side by side, one thread each, so that their step times compare.
 finetune-classify: tangle
-	for mode in all top lora; do \
-	  $(LLM) finetune classify --checkpoint $(RUN) --out $(FT_OUT)/classify-$$mode --train $$mode \
-	    --overwrite $(ARGS) || exit 1; done
+	pids=""; for mode in all top lora; do \
+	  OMP_NUM_THREADS=1 $(LLM) finetune classify --checkpoint $(RUN) \
+	    --out $(FT_OUT)/classify-$$mode --train $$mode --overwrite $(ARGS) & pids="$$pids $$!"; \
+	done; for pid in $$pids; do wait $$pid || exit 1; done
 
 finetune-instruct: tangle
 	$(LLM) finetune instruct --checkpoint $(RUN) --out $(FT_OUT)/chat --overwrite $(ARGS)
