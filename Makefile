@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf results bench check clean train
+.PHONY: help setup tangle test pdf results bench check clean train finetune
+.PHONY: finetune-classify finetune-instruct finetune-dpo
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -56,6 +57,29 @@ MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=687
 train: tangle ## train the default model on Shakespeare (about 10 min on a laptop CPU) into runs/
 	test -f $(DATA)/meta.json || PYTHONPATH=build $(PY) -m llm prepare
 	$(MALLOC) PYTHONPATH=build $(PY) -m llm train --preset cpu --data $(DATA) --out $(RUN) $(ARGS)
+
+# `make finetune`: the finetuning chapters' demonstrations, from the `make train` model, each a
+# few minutes on a laptop CPU, into runs/finetune/ (the book's frozen results read their reports):
+#   make finetune-classify   comedy, history or tragedy: all weights, the top block, LoRA
+#   make finetune-instruct   a chat model (then: python -m llm chat --checkpoint runs/finetune/chat)
+#   make finetune-dpo        DPO: true lines preferred to ones with two words swapped
+FT_OUT ?= runs/finetune
+LLM := $(MALLOC) PYTHONPATH=build $(PY) -m llm
+
+finetune: finetune-classify finetune-instruct finetune-dpo ## finetune the default model: classifier, LoRA, chat, DPO (runs/finetune/)
+
+# The three classifiers train side by side, one thread each, so that their step times compare.
+finetune-classify: tangle
+	pids=""; for mode in all top lora; do \
+	  OMP_NUM_THREADS=1 $(LLM) finetune classify --checkpoint $(RUN) \
+	    --out $(FT_OUT)/classify-$$mode --train $$mode --overwrite $(ARGS) & pids="$$pids $$!"; \
+	done; for pid in $$pids; do wait $$pid || exit 1; done
+
+finetune-instruct: tangle
+	$(LLM) finetune instruct --checkpoint $(RUN) --out $(FT_OUT)/chat --overwrite $(ARGS)
+
+finetune-dpo: tangle
+	$(LLM) finetune dpo --checkpoint $(RUN) --out $(FT_OUT)/dpo --overwrite $(ARGS)
 
 check: $(STAMP) ## fail if build/ differs from llm.org; test the literate tools
 	$(PY) tangle.py --check $(ORG)
