@@ -285,20 +285,6 @@ def test_bigram_command(tmp_path, capsys):
     assert lines[-1]                              # the sample was decoded and printed
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--alpha", "-1"], "--alpha must be in [0, inf), got -1.0"),
-    (["--alpha", "nan"], "--alpha must be in [0, inf), got nan"),
-    (["--lr", "0"], "--lr must be in (0, inf), got 0.0"),
-    (["--steps", "0"], "--steps must be in [1, inf), got 0"),
-    (["--data", "/nonexistent/folder"], "prepare the folder first")])
-def test_cli_bad_flags_are_one_line_errors(flags, message, capsys):
-    from llm.__main__ import main
-    assert main(["bigram", *flags]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("python -m llm bigram: error: ") and message in err
-    assert err.count("\n") == 1
-
-
 def test_compressor_bits_per_byte_charges_only_the_new_text():
     text = b"to be or not to be, that is the question\n" * 50
     bpb = bigram.compressor_bits_per_byte(text, text)          # seen before: almost free

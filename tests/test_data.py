@@ -273,3 +273,17 @@ def test_get_batch_from_a_prepared_memmap(tmp_path, corpus):
 def test_get_batch_refuses_a_split_shorter_than_a_block():
     with pytest.raises(ValueError, match="8 tokens are too few for block_size 8: a window needs 9"):
         data.get_batch(np.arange(8, dtype=np.uint16), 2, 8, "cpu", torch.Generator())
+
+
+# The bigram command's flags are checked here, not in test_bigram.py: a frozen result of the
+# book (r-bigram-chain) hashes that file, and a new test there would make it stale.
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "-1"], "--alpha must be in [0, inf), got -1.0"),
+    (["--alpha", "nan"], "--alpha must be in [0, inf), got nan"),
+    (["--lr", "0"], "--lr must be in (0, inf), got 0.0"),
+    (["--steps", "0"], "--steps must be in [1, inf), got 0"),
+    (["--sample", "-1"], "--sample must be in [0, inf), got -1")])
+def test_bigram_flags_are_range_checked_before_it_starts(flags, message, capsys):
+    assert cli(["bigram", "--data", "/nonexistent", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m llm bigram: error: {message}\n"

@@ -141,14 +141,10 @@ def test_seeded_sampling_is_reproducible_and_private():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(top_p=0.0), "--top-p must be in (0, 1]"), (dict(top_p=1.5), "--top-p must be in (0, 1]"),
-    (dict(temperature=-0.1), "--temperature must be in [0, inf)"),
-    (dict(top_k=0), "--top-k must be in [1, inf)"),
-    (dict(repetition_penalty=0.0), "--repetition-penalty must be in (0, inf)"),
-    (dict(presence_penalty=math.inf), "--presence-penalty must be in (-inf, inf), got inf"),
-    (dict(frequency_penalty=math.nan), "--frequency-penalty must be in (-inf, inf), got nan"),
-    (dict(temperature=math.nan), "--temperature must be in [0, inf), got nan"),
-    (dict(max_new_tokens=-1), "--max-new-tokens must be in [0, inf)"),
+    (dict(top_p=0.0), "top-p must be in (0, 1]"), (dict(top_p=1.5), "top-p must be in (0, 1]"),
+    (dict(temperature=-0.1), "temperature must be >= 0"), (dict(top_k=0), "top-k must be >= 1"),
+    (dict(repetition_penalty=0.0), "repetition penalty must be > 0"),
+    (dict(max_new_tokens=-1), "max new tokens must be >= 0"),
     (dict(stop_strings=("",)), "stop string must not be empty")])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -423,6 +419,7 @@ def test_cli_streams_the_same_text_as_the_api(run_dir, capsys):
     (["--presence-penalty", "inf"], "--presence-penalty must be in (-inf, inf), got inf"),
     (["--frequency-penalty", "nan"], "--frequency-penalty must be in (-inf, inf), got nan"),
     (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be in [0, inf), got -1"),
     (["--prompt", "Zebra"], "character 'Z'"),
 ])
 def test_cli_bad_flags_give_one_clear_line(run_dir, capsys, flags, message):
