@@ -301,3 +301,121 @@ def test_interleaved_rope_weights_permuted_give_our_scores():
                   halves(P.interleaved_to_halves(wk, n_heads)))
     assert (ours - theirs).abs().max() < 1e-4
     assert (scores(halves(wq), halves(wk)) - theirs).abs().max() > 1.0   # without: wrong
+
+
+# --- download, from a local server ------------------------------------------------------------
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    """A few lines of the hub: the file list with sizes and hashes, and files with Range."""
+    files: dict[str, bytes] = {}
+    ranges: list[str] = []
+
+    def do_GET(self):
+        if self.path.startswith("/api/models/"):
+            siblings = []
+            for name, data in self.files.items():
+                s = {"rfilename": name, "size": len(data),
+                     "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+                if name.endswith(".safetensors"):
+                    s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                siblings.append(s)
+            return self.reply(200, json.dumps({"siblings": siblings}).encode())
+        name = self.path.split("/resolve/main/")[-1]
+        if name not in self.files:
+            return self.reply(404, b"")
+        data, start = self.files[name], 0
+        if "Range" in self.headers:
+            self.ranges.append(f"{name} {self.headers['Range']}")
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        self.reply(206 if start else 200, data[start:])
+
+    def reply(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    hf = gpt2_folder(repo)
+    Hub.files = {p.name: p.read_bytes() for p in repo.iterdir()}
+    Hub.ranges = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield hf
+    server.shutdown()
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "llm", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_download_resumes_checks_and_loads(tmp_path, hub, monkeypatch):
+    out = tmp_path / "models" / "tiny"
+    part = out.with_name(".tiny.download")                # an interrupted earlier attempt
+    part.mkdir(parents=True)
+    (part / "model.safetensors").write_bytes(Hub.files["model.safetensors"][:1000])
+    args = type("Args", (), {"name": "me/tiny", "out": str(out), "revision": "main"})
+    assert P.download_main(args) == 0
+    assert Hub.ranges == ["model.safetensors bytes=1000-"]
+    assert not part.exists()
+    assert max_logit_diff(load_checkpoint(out)[0], hub) < 1e-4
+    assert P.download_main(args) == 0                        # again: already there
+
+
+def test_download_deletes_a_corrupt_file_and_says_so(tmp_path, hub, capsys):
+    out = tmp_path / "m"
+    good = Hub.files["config.json"]
+    Hub.files["config.json"] = good.replace(b"gpt2", b"gpT2")     # what the list promised: good
+    Hub.files, listed = dict(Hub.files), None
+    args = type("Args", (), {"name": "me/m", "out": str(out), "revision": "main"})
+    original = Hub.do_GET
+
+    def lie(self):                 # the list describes good bytes, the file is corrupt
+        if self.path.startswith("/api/"):
+            Hub.files["config.json"] = good
+            original(self)
+            Hub.files["config.json"] = good.replace(b"gpt2", b"gpT2")
+        else:
+            original(self)
+    Hub.do_GET = lie
+    try:
+        assert P.download_main(args) == 1
+    finally:
+        Hub.do_GET = original
+    assert "config.json does not match the hub's size and hash" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / ".m.download" / "config.json").exists()
+
+
+def test_download_without_network_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")       # nothing listens there
+    args = type("Args", (), {"name": "gpt2", "out": str(tmp_path / "g"), "revision": "main"})
+    assert P.download_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach http://127.0.0.1:9" in err
+    assert "openai-community/gpt2/tree/main: config.json, model.safetensors" in err
+    assert not (tmp_path / "g").exists()
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+def test_generate_and_export_commands_take_a_hugging_face_folder(tmp_path):
+    gpt2_folder(tmp_path / "hf")
+    r = run_cli("generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "abc",
+                "--max-new-tokens", "5", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("abc")
+    r = run_cli("export", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("export", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 0, r.stderr
+    a, b = load_checkpoint(tmp_path / "hf")[0], load_checkpoint(tmp_path / "x")[0]
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
