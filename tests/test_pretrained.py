@@ -419,3 +419,31 @@ def test_generate_and_export_commands_take_a_hugging_face_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = load_checkpoint(tmp_path / "hf")[0], load_checkpoint(tmp_path / "x")[0]
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_train_init_from_starts_from_the_weights_and_checks_the_tokenizer(tmp_path, capsys):
+    from llm import data
+    from llm.__main__ import main
+    from llm.tokenizer import load_tokenizer
+    data.prepare(tmp_path / "data", [("text", TEXT * 40)], source="test", vocab_size=300,
+                 progress=False)
+    tok = load_tokenizer(tmp_path / "data" / "tokenizer.json")
+    gpt2_folder(tmp_path / "other")                      # its own tokenizer: not the data's
+    gpt2_folder(tmp_path / "hf", vocab=tok.vocab_size)
+    for name, text in P.hf_tokenizer_files(tok).items():
+        (tmp_path / "hf" / name).write_text(text, encoding="utf-8")
+    run = ["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--max-steps", "1",
+           "--warmup-steps", "0", "--lr", "1e-9", "--min-lr", "1e-9", "--eval-every", "1",
+           "--eval-batches", "1", "--sample-tokens", "0", "--batch-size", "2",
+           "--micro-batch", "2"]
+    assert main(run + ["--init-from", str(tmp_path / "other"), "--out", str(tmp_path / "r")]) == 2
+    assert "was tokenized by another tokenizer" in capsys.readouterr().err
+    assert main(run + ["--init-from", str(tmp_path / "hf"), "--n-layers", "3",
+                       "--out", str(tmp_path / "r")]) == 2
+    assert "drop --n-layers" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(run + ["--init-from", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]) == 0
+    source, trained = load_checkpoint(tmp_path / "hf")[0], load_checkpoint(tmp_path / "r")[0]
+    assert trained.config == dataclasses.replace(source.config, attention=trained.config.attention)
+    for name, tensor in source.state_dict().items():     # a step of 1e-9 changes nothing
+        assert (trained.state_dict()[name] - tensor).abs().max() < 1e-6, name
