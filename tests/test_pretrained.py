@@ -425,24 +425,23 @@ def test_train_init_from_starts_from_the_weights_and_checks_the_tokenizer(tmp_pa
     from llm import data
     from llm.__main__ import main
     from llm.tokenizer import load_tokenizer
-    data.prepare(tmp_path / "data", [("text", TEXT * 40)], source="test", vocab_size=300,
-                 progress=False)
-    tok = load_tokenizer(tmp_path / "data" / "tokenizer.json")
-    gpt2_folder(tmp_path / "other")                      # its own tokenizer: not the data's
-    gpt2_folder(tmp_path / "hf", vocab=tok.vocab_size)
-    for name, text in P.hf_tokenizer_files(tok).items():
-        (tmp_path / "hf" / name).write_text(text, encoding="utf-8")
-    run = ["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--max-steps", "1",
-           "--warmup-steps", "0", "--lr", "1e-9", "--min-lr", "1e-9", "--eval-every", "1",
-           "--eval-batches", "1", "--sample-tokens", "0", "--batch-size", "2",
-           "--micro-batch", "2"]
-    assert main(run + ["--init-from", str(tmp_path / "other"), "--out", str(tmp_path / "r")]) == 2
-    assert "was tokenized by another tokenizer" in capsys.readouterr().err
-    assert main(run + ["--init-from", str(tmp_path / "hf"), "--n-layers", "3",
-                       "--out", str(tmp_path / "r")]) == 2
+    gpt2_folder(tmp_path / "hf")
+    (tmp_path / "book.txt").write_text(TEXT * 40, encoding="utf-8")
+    assert main(["prepare", "--text", str(tmp_path / "book.txt"), "--tokenizer-from",
+                 str(tmp_path / "hf"), "--out", str(tmp_path / "data")]) == 0
+    assert load_tokenizer(tmp_path / "data").to_dict() == small_tokenizer().to_dict()
+    data.prepare(tmp_path / "other", [("text", TEXT * 40)], source="test", vocab_size=300,
+                 progress=False)                    # a tokenizer of its own: not the model's
+    run = ["train", "--preset", "tiny", "--max-steps", "1", "--warmup-steps", "0",
+           "--lr", "1e-9", "--min-lr", "1e-9", "--eval-every", "1", "--eval-batches", "1",
+           "--sample-tokens", "0", "--batch-size", "2", "--micro-batch", "2",
+           "--init-from", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]
+    assert main(run + ["--data", str(tmp_path / "other")]) == 2
+    assert "prepare it with `python -m llm prepare --tokenizer-from" in capsys.readouterr().err
+    assert main(run + ["--data", str(tmp_path / "data"), "--n-layers", "3"]) == 2
     assert "drop --n-layers" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-    assert main(run + ["--init-from", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]) == 0
+    assert main(run + ["--data", str(tmp_path / "data")]) == 0
     source, trained = load_checkpoint(tmp_path / "hf")[0], load_checkpoint(tmp_path / "r")[0]
     assert trained.config == dataclasses.replace(source.config, attention=trained.config.attention)
     for name, tensor in source.state_dict().items():     # a step of 1e-9 changes nothing
