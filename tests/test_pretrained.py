@@ -5,8 +5,6 @@ import http.server
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -353,11 +351,6 @@ def hub(tmp_path, monkeypatch):
     server.shutdown()
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "llm", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
 def test_download_resumes_checks_and_loads(tmp_path, hub, monkeypatch):
     out = tmp_path / "models" / "tiny"
     part = out.with_name(".tiny.download")                # an interrupted earlier attempt
@@ -407,16 +400,17 @@ def test_download_without_network_says_what_to_do(tmp_path, monkeypatch, capsys)
 
 # --- the commands -----------------------------------------------------------------------------
 
-def test_generate_and_export_commands_take_a_hugging_face_folder(tmp_path):
+def test_generate_and_export_commands_take_a_hugging_face_folder(tmp_path, capsys):
+    from llm.__main__ import main
     gpt2_folder(tmp_path / "hf")
-    r = run_cli("generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "abc",
-                "--max-new-tokens", "5", "--temperature", "0")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("abc")
-    r = run_cli("export", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "hf"))
-    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("export", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "x"))
-    assert r.returncode == 0, r.stderr
+    assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "abc",
+                 "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("abc")
+    assert main(["export", "--checkpoint", str(tmp_path / "hf"), "--out",
+                 str(tmp_path / "hf")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "hf"), "--out",
+                 str(tmp_path / "x")]) == 0
     a, b = load_checkpoint(tmp_path / "hf")[0], load_checkpoint(tmp_path / "x")[0]
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
