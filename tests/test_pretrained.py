@@ -198,11 +198,12 @@ EXPORTS = {
 
 @pytest.mark.parametrize("case", EXPORTS)
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, case):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = our_model(**EXPORTS[case]), small_tokenizer()
     P.export_pretrained(model, tok, tmp_path / "out")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert max_logit_diff(model, hf) < 1e-4
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")(TEXT)["input_ids"] == tok.encode(TEXT)
     back, back_tok, _ = load_checkpoint(tmp_path / "out")     # and the round trip
     assert max_logit_diff(back, hf) < 1e-4
     assert back_tok.to_dict() == tok.to_dict()
