@@ -339,6 +339,17 @@ def scale_up(module: nn.Module, seed: int) -> None:
             p.copy_(1.0 + 0.3 * noise if is_gain else 0.2 * noise)
 
 
+def weights_of(hf, config, family: str) -> dict:
+    """Our state dict of the transformers model hf, by the mapping of llm.pretrained."""
+    from llm.pretrained import plan, to_ours
+    sd = hf.state_dict()
+    ours = {name: to_ours(how, [sd[t] for t in theirs])
+            for name, (theirs, how) in plan(M.GPT(config).state_dict(), config, family).items()}
+    if config.tie_weights:
+        ours["lm_head.weight"] = ours["tok_emb.weight"]
+    return ours
+
+
 def assert_same_logits(config, ours: dict, hf) -> None:
     """Our model with the copied weights ours == the transformers model hf, on every path."""
     idx = torch.randint(0, config.vocab_size, (3, config.block_size), generator=torch.Generator().manual_seed(0))
@@ -361,17 +372,7 @@ def test_gpt2_config_equals_transformers_gpt2():
         layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         tie_word_embeddings=True, attn_implementation="eager")).eval()
     scale_up(hf, seed=1)
-    sd = hf.state_dict()
-    ours = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"],
-            "norm_f.weight": sd["transformer.ln_f.weight"], "norm_f.bias": sd["transformer.ln_f.bias"],
-            "lm_head.weight": sd["transformer.wte.weight"]}
-    names = {"attn_norm": "ln_1", "attn.qkv_proj": "attn.c_attn", "attn.out_proj": "attn.c_proj",
-             "mlp_norm": "ln_2", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
-    for i in range(config.n_layers):
-        for mine, theirs in names.items():
-            w = sd[f"transformer.h.{i}.{theirs}.weight"]
-            ours[f"blocks.{i}.{mine}.weight"] = w if "norm" in mine else w.T   # Conv1D: (in, out)
-            ours[f"blocks.{i}.{mine}.bias"] = sd[f"transformer.h.{i}.{theirs}.bias"]
+    ours = weights_of(hf, config, "gpt2")
     assert_same_logits(config, ours, hf)
 
 
@@ -386,16 +387,5 @@ def test_llama_config_equals_transformers_llama():
         attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
         attn_implementation="eager")).eval()
     scale_up(hf, seed=2)
-    sd = hf.state_dict()
-    ours = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"],
-            "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(config.n_layers):
-        h = f"model.layers.{i}."
-        ours[f"blocks.{i}.attn.qkv_proj.weight"] = torch.cat(
-            [sd[h + f"self_attn.{p}_proj.weight"] for p in "qkv"], dim=0)
-        ours[f"blocks.{i}.attn.out_proj.weight"] = sd[h + "self_attn.o_proj.weight"]
-        ours[f"blocks.{i}.attn_norm.weight"] = sd[h + "input_layernorm.weight"]
-        ours[f"blocks.{i}.mlp_norm.weight"] = sd[h + "post_attention_layernorm.weight"]
-        for p in ("gate", "up", "down"):
-            ours[f"blocks.{i}.mlp.{p}_proj.weight"] = sd[h + f"mlp.{p}_proj.weight"]
+    ours = weights_of(hf, config, "llama")
     assert_same_logits(config, ours, hf)
