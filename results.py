@@ -7,7 +7,9 @@
 
 A result is a named Python block with `:results value`; it assigns `result` (a number, a
 string, a dict of them, or a table as a list of rows) and may save a figure to
-`figure_path`. With `:cache yes` it is frozen: `make results` runs it and records its value
+`figure_path`. With `:results output` (as in org-babel) the result is what the block
+prints: the book shows the code and, where `[[result:NAME]]` stands alone, its output (a
+block that also assigns a dict `result` gets the output as its key "output"). With `:cache yes` it is frozen: `make results` runs it and records its value
 under pdf/results/NAME.json with the sha256 of its code and of the files named by
 `:inputs`; the weave reads the record and warns when those hashes no longer match. Without,
 it is cheap and runs at every weave and every test. The prose cites a value with
@@ -42,14 +44,21 @@ SCALE = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "%": 1e-2}
 
 # Runs in a fresh interpreter with build/ on sys.path: each block in its own namespace.
 RUNNER = r"""
-import json, os, sys, traceback
+import contextlib, io, json, os, sys, traceback
 jobs = json.load(open(sys.argv[1]))
 out = {}
 for job in jobs:
     ns = {"__name__": "__result__", "figure_path": job["figure"]}
+    printed = io.StringIO()
     try:
         # Padded so that a traceback's line numbers are the Org file's.
-        exec(compile("\n" * job["line"] + job["code"], job["file"], "exec"), ns)
+        code = compile("\n" * job["line"] + job["code"], job["file"], "exec")
+        with contextlib.redirect_stdout(printed) if job["output"] else contextlib.nullcontext():
+            exec(code, ns)
+        if job["output"]:   # what it printed; with numbers for the prose, a dict of both
+            extra = ns.get("result")
+            ns["result"] = ({**extra, "output": printed.getvalue()} if isinstance(extra, dict)
+                            else printed.getvalue())
         if "result" not in ns and not os.path.exists(job["figure"]):
             raise NameError("the block must assign `result` or save a figure to figure_path")
         value = ns.get("result")
@@ -68,6 +77,7 @@ class Spec:
     block: literate.Block
     frozen: bool
     inputs: list[str]
+    output: bool = False          # :results output: the value is what the block prints
 
     @property
     def code(self) -> str:
@@ -105,7 +115,8 @@ def specs_of(doc: literate.Document) -> dict[str, Spec]:
     """The result blocks of a resolved document, by name."""
     out = {}
     for b in doc.blocks:
-        if b.commented or "value" not in b.params.get("results", "").split():
+        kinds = b.params.get("results", "").split()
+        if b.commented or ("value" not in kinds and "output" not in kinds):
             continue
         if b.lang != "python":
             raise TangleError(doc.path, b.line, f":results value on a {b.lang} block: "
@@ -120,7 +131,8 @@ def specs_of(doc: literate.Document) -> dict[str, Spec]:
             raise TangleError(doc.path, b.line, f"result {b.name}: noweb references are not "
                               "supported in results; import from the package instead")
         inputs = b.params.get("inputs", "").split()
-        out[b.name] = Spec(b.name, b, b.params.get("cache", "no") == "yes", inputs)
+        out[b.name] = Spec(b.name, b, b.params.get("cache", "no") == "yes", inputs,
+                           "output" in kinds)
     return out
 
 
@@ -132,7 +144,7 @@ def run(res: Results, specs: list[Spec]) -> dict[str, object]:
     literate.write_outputs(res.doc.path, literate.tangle_document(res.doc))
     (res.root / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     jobs = [{"name": s.name, "code": s.code, "line": s.block.line, "file": str(res.doc.path),
-             "figure": str(res.figure_path(s.name))} for s in specs]
+             "figure": str(res.figure_path(s.name)), "output": s.output} for s in specs]
     env = dict(os.environ, MPLBACKEND="Agg",
                PYTHONPATH=os.pathsep.join([str(res.root / "build"), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory() as tmp:

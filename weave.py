@@ -87,7 +87,9 @@ def book_model(doc: literate.Document) -> Book:
     live = [b for b in doc.blocks if not b.commented]
     pieces = []
     for b in live:
-        chunk = b.name or b.params.get("noweb-ref")
+        # A result block's #+name is what the prose cites it by, not a chunk of the program.
+        result = {"value", "output"} & set(b.params.get("results", "").split())
+        chunk = None if result else b.name or b.params.get("noweb-ref")
         target = literate.target_of(doc, b)
         refs = []
         if b.params.get("noweb", "no") != "no":
@@ -97,7 +99,7 @@ def book_model(doc: literate.Document) -> Book:
     # As tangle's Expander reads them: a #+name is one block; a :noweb-ref gathers blocks.
     chunks: dict[str, list[Piece]] = {}
     for p in pieces:
-        if p.block.name:
+        if p.block.name and p.chunk:
             chunks[p.block.name] = [p]
         if ref := p.block.params.get("noweb-ref"):
             chunks.setdefault(ref, []).append(p)
@@ -583,7 +585,7 @@ class Rewriter:
             return self.latex(c[1])
         if t == "Math":
             line = self.advance(c[1])
-            return [typ(self.mark(line)), x]
+            return [typ(self.mark(line)), el("Math", [c[0], grouped_digits(c[1])])]
         if t == "Image":
             return self.image(x)
         if t in ("Emph", "Strong", "Strikeout", "Superscript", "Subscript", "SmallCaps", "Underline"):
@@ -730,7 +732,7 @@ class Rewriter:
                 inner = f"\\begin{{aligned}}{inner}\\end{{aligned}}"
             elif env in ("gather", "multline"):
                 inner = f"\\begin{{gathered}}{inner}\\end{{gathered}}"
-            math = el("Math", [el("DisplayMath"), inner])
+            math = el("Math", [el("DisplayMath"), grouped_digits(inner)])
             if star:
                 return [mark, math]
             if len(labels) > 1:
@@ -748,6 +750,11 @@ class Rewriter:
         self.warnings.append(f"{self.name}:{line}: raw LaTeX the book cannot typeset, left out: "
                              f"{text.strip()[:60]}")
         return []
+
+
+def grouped_digits(tex: str) -> str:
+    """7{,}087{,}872 as one upright number: Typst would set each comma as punctuation, spaced."""
+    return re.sub(r"\d{1,3}(?:\{,\}\d{3})+", lambda m: "\\text{" + m[0].replace("{,}", ",") + "}", tex)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""The book keeps its promises: outputs are computed, citations have entries, math typesets."""
+import re
+from pathlib import Path
+
+import pytest
+
+import results
+import tangle
+import weave
+
+ROOT = Path(__file__).resolve().parents[1]
+ORG = ROOT / "llm.org"
+BIB = ROOT / "pdf" / "references.bib"
+
+# [cite:@key], [cite/t:@a;@b], [cite:see @key p. 3]: Org's citation syntax, as pandoc reads it.
+CITATION = re.compile(r"\[cite(?:/[\w/]+)?:([^\]]*)\]")
+CITE_KEY = re.compile(r"@([\w:.+-]*\w)")
+BIB_ENTRY = re.compile(r"^@(\w+)\s*\{\s*([^,\s]+)\s*,", re.M)
+
+
+def cited_keys(text: str) -> dict[str, int]:
+    """Every key the text cites, with the first line that cites it."""
+    keys: dict[str, int] = {}
+    for m in CITATION.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        for key in CITE_KEY.findall(m.group(1)):
+            keys.setdefault(key, line)
+    return keys
+
+
+def bib_keys(text: str) -> list[str]:
+    return [key for kind, key in BIB_ENTRY.findall(text) if kind.lower() not in ("comment", "string")]
+
+
+def citation_problems(org_text: str, bib_text: str) -> list[str]:
+    """A citation whose key has no entry, and an entry key given twice."""
+    entries = bib_keys(bib_text)
+    problems = [f"llm.org:{line}: [cite:@{key}] has no entry in pdf/references.bib"
+                for key, line in cited_keys(org_text).items() if key not in entries]
+    problems += [f"pdf/references.bib: the key {key} is defined twice"
+                 for key in sorted({k for k in entries if entries.count(k) > 1})]
+    return problems
+
+
+def test_every_citation_has_an_entry():
+    text = ORG.read_text(encoding="utf-8")
+    assert len(cited_keys(text)) >= 20
+    assert citation_problems(text, BIB.read_text(encoding="utf-8")) == []
+
+
+def test_a_citation_without_an_entry_fails():
+    bib = "@article{known2020,\n  title = {A},\n  year = {2020}\n}\n"
+    assert citation_problems("As shown [cite:@known2020].", bib) == []
+    assert citation_problems("Line one.\nAs [cite/t:@known2020;@missing2021] show.", bib) == [
+        "llm.org:2: [cite:@missing2021] has no entry in pdf/references.bib"]
+    assert citation_problems("", bib + bib) == ["pdf/references.bib: the key known2020 is defined twice"]
+
+
+def test_the_book_prints_its_bibliography():
+    text = ORG.read_text(encoding="utf-8")
+    assert "#+BIBLIOGRAPHY: pdf/references.bib" in text
+    assert '#bibliography("/pdf/references.bib"' in text
+
+
+def test_every_entry_typesets():
+    """Typst reads every entry and formats a citation of it (a malformed entry is an error)."""
+    import typst
+    keys = bib_keys(BIB.read_text(encoding="utf-8"))
+    source = " ".join(f"@{k}" for k in keys) + '\n#bibliography("/pdf/references.bib", style: "apa")\n'
+    pdf = typst.compile(source.encode("utf-8"), root=str(ROOT))
+    assert pdf.startswith(b"%PDF")
+
+
+def test_no_output_is_pasted_after_code():
+    """What a code block prints or makes is a result: no example or table right after one."""
+    lines = ORG.read_text(encoding="utf-8").split("\n")
+    pasted = []
+    for k, line in enumerate(lines):
+        if line.strip().lower() != "#+end_src":
+            continue
+        j = k + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        if j < len(lines) and (lines[j].strip().lower().startswith("#+begin_example")
+                               or lines[j].lstrip().startswith("|")):
+            pasted.append(f"llm.org:{j + 1}")
+    assert pasted == []
+
+
+def test_result_blocks_are_not_chunks():
+    """A result block's #+name is cited by the prose; the chunk index does not list it."""
+    doc = tangle.parse(ORG)
+    tangle.resolve(doc)
+    book = weave.book_model(doc)
+    names = set(results.specs_of(doc))
+    assert names and not names & set(book.chunks)
+
+
+def test_thousands_in_math_use_braced_commas():
+    """7{,}087 in math: a bare comma between digits would be typeset as punctuation."""
+    text = ORG.read_text(encoding="utf-8")
+    math = re.findall(r"(?<![\\$])\$([^$\n]+)\$", text) + re.findall(r"(?<!\\)\\\[(.*?)\\\]", text, re.S)
+    assert [m for m in math if re.search(r"\d,\d{3}\b", m)] == []
+    assert weave.grouped_digits(r"d = 7{,}087{,}872, (a, b)") == r"d = \text{7,087,872}, (a, b)"
+
+
+def test_results_output_is_what_the_block_prints(tmp_path):
+    org = tmp_path / "book.org"
+    org.write_text("* A\n\n#+name: r-printed\n#+begin_src python :results output\n"
+                   "print('two', 1 + 1)\n#+end_src\n\n[[result:r-printed]]\n\n"
+                   "#+name: r-both\n#+begin_src python :results output\n"
+                   "print('shown')\nresult = {'n': 3}\n#+end_src\n\n"
+                   "It is [[result:r-both.n][3]].\n")
+    doc = tangle.parse(org)
+    tangle.resolve(doc)
+    res = results.load(doc)
+    assert res.values == {"r-printed": "two 2\n", "r-both": {"n": 3, "output": "shown\n"}}
+    assert results.check(res) == []
