@@ -271,7 +271,8 @@ def test_eval_command_with_a_checkpoint(folder, tmp_path, capsys):
     (["--seed", "-3", "--task", "shakespeare-mc"], "--seed must be at least 0"),
     (["--text", "missing.txt"], "missing.txt: no such file"),
     (["--hellaswag", "BAD"], "hs.jsonl:2: not a HellaSwag question"),
-    (["--json", "no/such/folder/x.json"], "the folder it would go in does not exist"),
+    (["--json", "no/such/folder/x.json"], "not a file in an existing folder"),
+    (["--json", "."], "--json .: not a file in an existing folder"),
 ])
 def test_bad_input_is_one_line_before_any_work(folder, tmp_path, capsys, monkeypatch,
                                                flags, message):
