@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,15 +137,18 @@ def specs_of(doc: literate.Document) -> dict[str, Spec]:
     return out
 
 
-def run(res: Results, specs: list[Spec]) -> dict[str, object]:
-    """Run result blocks in one fresh interpreter, build/ on its path: name -> value."""
+def run(res: Results, specs: list[Spec], figures: Path | None = None) -> dict[str, object]:
+    """Run result blocks in one fresh interpreter, build/ on its path: name -> value.
+
+    A block's figure goes to figures/NAME.png (default: beside the records)."""
     if not specs:
         return {}
     # The blocks import the package: it must be tangled from this very document.
     literate.write_outputs(res.doc.path, literate.tangle_document(res.doc))
     (res.root / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     jobs = [{"name": s.name, "code": s.code, "line": s.block.line, "file": str(res.doc.path),
-             "figure": str(res.figure_path(s.name)), "output": s.output} for s in specs]
+             "figure": str(Path(figures) / f"{s.name}.png" if figures else res.figure_path(s.name)),
+             "output": s.output} for s in specs]
     env = dict(os.environ, MPLBACKEND="Agg",
                PYTHONPATH=os.pathsep.join([str(res.root / "build"), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,9 +217,20 @@ def record(doc: literate.Document, names: list[str] | None = None) -> list[str]:
         raise TangleError(doc.path, None, f"no frozen result named {', '.join(unknown)} "
                           f"(frozen results: {frozen})")
     todo = [s for s in specs.values() if s.frozen and (not names or s.name in names)]
-    for s in todo:
-        res.figure_path(s.name).unlink(missing_ok=True)
-    values = run(res, todo)
+    # New figures are drawn into a scratch folder and moved into place only when every block
+    # has run: a failing block leaves the recorded figures and records as they were.
+    (res.root / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".figures-", dir=res.root / RESULTS_DIR))
+    try:
+        values = run(res, todo, scratch)
+        for s in todo:
+            drawn, fig = scratch / f"{s.name}.png", res.figure_path(s.name)
+            if drawn.is_file():
+                os.replace(drawn, fig)
+            else:                               # the block no longer draws a figure
+                fig.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     written = []
     for s in todo:
         files = {}

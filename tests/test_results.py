@@ -173,3 +173,15 @@ def test_the_book_states_what_its_code_computes():
     assert results.check(res) == []
     assert res.warnings == []
     assert len(results.citations(res.doc)) >= 10
+
+
+def test_a_failing_record_keeps_the_recorded_figure_and_record(book, tmp_path):
+    org = edited(book, tmp_path, "fig.savefig(figure_path, dpi=50)",
+                 "fig.savefig(figure_path, dpi=40)\nraise RuntimeError('drawn, then failed')")
+    figure = org.parent / "pdf/results/r-frozen.png"
+    record = org.parent / "pdf/results/r-frozen.json"
+    before = figure.read_bytes(), record.read_bytes()
+    with pytest.raises(tangle.TangleError, match="drawn, then failed"):
+        results.record(doc_of(org), ["r-frozen"])
+    assert (figure.read_bytes(), record.read_bytes()) == before
+    assert not list((org.parent / "pdf/results").glob(".figures-*"))   # no scratch left
