@@ -116,3 +116,81 @@ def test_results_output_is_what_the_block_prints(tmp_path):
     res = results.load(doc)
     assert res.values == {"r-printed": "two 2\n", "r-both": {"n": 3, "output": "shown\n"}}
     assert results.check(res) == []
+
+
+# ---------------------------------------------------------------------------
+# Code fits the page. A code line wider than the block wraps in the PDF with no mark, so
+# the source keeps every printed code line within what the page holds at the code font.
+
+TYPST = ROOT / "pdf" / "book.typ"
+MONO_ADVANCE = 0.602        # DejaVu Sans Mono: every glyph is 0.602 em wide
+A4_WIDTH_PT = 595.28        # 210 mm
+UNIT_PT = {"pt": 1.0, "cm": 72 / 2.54, "mm": 72 / 25.4}
+BEGIN_EXAMPLE = re.compile(r"^[ \t]*#\+begin_example\b", re.I)
+END_EXAMPLE = re.compile(r"^[ \t]*#\+end_example\b", re.I)
+
+
+def code_columns(typ: str) -> int:
+    """Characters of code one line of a code block holds: the text width (A4 less the x
+    margins) less the block's x inset on both sides, over one mono glyph at code-size."""
+    def length(pattern: str) -> float:
+        value, unit = re.search(pattern, typ, re.S).groups()
+        return float(value) * UNIT_PT[unit]
+    size = length(r"#let code-size = ([\d.]+)(pt)")
+    margin = length(r"margin: \(x: ([\d.]+)(cm|mm|pt)")
+    inset = length(r"raw\.where\(block: true\).*?inset: \(x: ([\d.]+)(pt)")
+    return int((A4_WIDTH_PT - 2 * margin - 2 * inset) / (MONO_ADVANCE * size))
+
+
+def columns(line: str) -> int:
+    """Columns a line takes in a monospace font: wide (CJK) characters take two."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line.expandtabs(8))
+
+
+def wide_code_lines(org_text: str, limit: int) -> list[str]:
+    """Each printed code line wider than limit: source blocks the book shows (not
+    :exports none, not under a COMMENT heading) and example blocks, as llm.org:LINE."""
+    doc = tangle.parse(ORG, org_text)
+    tangle.resolve(doc)
+    wide = []
+    for b in doc.blocks:
+        if b.params.get("exports") == "none" or (b.heading and b.heading.commented):
+            continue
+        wide += [(b.line + 1 + k, columns(line)) for k, line in enumerate(b.body)]
+    lines = doc.lines
+    k = 0
+    while k < len(lines):
+        if BEGIN_EXAMPLE.match(lines[k]):
+            k += 1
+            while k < len(lines) and not END_EXAMPLE.match(lines[k]):
+                wide.append((k + 1, columns(lines[k])))
+                k += 1
+        k += 1
+    return [f"llm.org:{line}: {n} characters, the page holds {limit}"
+            for line, n in sorted(wide) if n > limit]
+
+
+def test_code_columns_follow_the_book_typography():
+    """A4 less 2 x 2.3 cm, less 2 x 7 pt of inset: 450.9 pt over 0.602 x 7.6 pt = 98.5.
+    (Measured: a woven 98-character line fits the block, a 99-character one wraps.)"""
+    assert code_columns(TYPST.read_text(encoding="utf-8")) == 98
+    smaller = TYPST.read_text(encoding="utf-8").replace("code-size = 7.6pt", "code-size = 9pt")
+    assert code_columns(smaller) == 83
+
+
+def test_every_code_line_fits_the_page():
+    limit = code_columns(TYPST.read_text(encoding="utf-8"))
+    assert wide_code_lines(ORG.read_text(encoding="utf-8"), limit) == []
+
+
+def test_a_wide_code_line_fails():
+    long = "x = " + "1 + " * 10 + "1"                    # 45 characters
+    text = ("* A\n\n#+begin_src python :tangle no\nshort = 1\n" + long + "\n#+end_src\n\n"
+            "#+begin_src python :tangle no :exports none\n" + long + "\n#+end_src\n\n"
+            "#+begin_example\n" + long + "\n#+end_example\n\n"
+            "* COMMENT B\n\n#+begin_src python :tangle no\n" + long + "\n#+end_src\n")
+    assert wide_code_lines(text, 44) == ["llm.org:5: 45 characters, the page holds 44",
+                                         "llm.org:13: 45 characters, the page holds 44"]
+    assert wide_code_lines(text, 45) == []
+    assert columns("a\tb") == 9 and columns("日本") == 4
