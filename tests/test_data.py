@@ -287,3 +287,10 @@ def test_bigram_flags_are_range_checked_before_it_starts(flags, message, capsys)
     assert cli(["bigram", "--data", "/nonexistent", *flags]) == 2
     err = capsys.readouterr().err
     assert err == f"python -m llm bigram: error: {message}\n"
+
+
+def test_bigram_without_prepared_data_is_one_line(tmp_path, capsys):
+    assert cli(["bigram", "--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"python -m llm bigram: error: --data {tmp_path / 'missing'} holds no "
+                   "prepared data: run `python -m llm prepare` first\n")
