@@ -16,6 +16,7 @@ fact about code (names, targets, continuations) from literate.py, the core below
 """
 from __future__ import annotations
 
+import ast as pyast        # Python's syntax trees (`ast` here is pandoc's)
 import json
 import re
 import sys
@@ -54,6 +55,7 @@ class Book:
     chunks: dict[str, list[Piece]]        # chunk name -> its blocks, in document order
     files: dict[str, list[Piece]]         # target -> its blocks, in document order
     users: dict[str, list[Piece]] = field(default_factory=dict)  # chunk -> blocks using it
+    identifiers: list[Identifier] = field(default_factory=list)  # top-level names of the code
 
     def shown(self, pieces: list[Piece]) -> list[Piece]:
         return [p for p in pieces if p.visible]
@@ -118,6 +120,119 @@ def book_model(doc: literate.Document) -> Book:
 def display_name(chunk: str) -> str:
     """How the book prints a chunk name: ⟨count loop⟩ for <<count-loop>>."""
     return chunk.replace("-", " ")
+
+
+# ---------------------------------------------------------------------------
+# The identifier index: where each top-level name of the code is defined and used
+# ---------------------------------------------------------------------------
+# Read from the tangled Python files, whose every line the source map traces to the
+# Org line (so the block) it came from; blocks that tangle nowhere (the result blocks)
+# are read on their own.
+
+@dataclass
+class Identifier:
+    name: str
+    file: str                             # the tangled file that defines it
+    defined: Piece                        # the block its def, class or assignment is in
+    users: list[Piece] = field(default_factory=list)   # the other blocks that use it
+
+
+DEFS = (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)
+SCOPES = (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda)
+CHAINS = (pyast.Name, pyast.Attribute)
+
+
+def assigned(node: pyast.AST) -> set[str]:
+    """The names assigned anywhere inside node."""
+    return {n.id for n in pyast.walk(node)
+            if isinstance(n, pyast.Name) and isinstance(n.ctx, pyast.Store)}
+
+
+def top_level_names(tree: pyast.Module) -> list[tuple[str, int]]:
+    """(name, line) of every def, class and assignment at the top of a module, no __dunders__."""
+    out = []
+    for node in tree.body:
+        if isinstance(node, DEFS):
+            out.append((node.name, node.lineno))
+        elif isinstance(node, (pyast.Assign, pyast.AnnAssign)):
+            targets = node.targets if isinstance(node, pyast.Assign) else [node.target]
+            out += [(name, node.lineno) for t in targets for name in sorted(assigned(t))]
+    return [(name, line) for name, line in out if not name.startswith("__")]
+
+
+def global_uses(tree: pyast.Module, file: str | None, modules: dict[str, str],
+                defined: dict) -> list[tuple[tuple[str, str], int]]:
+    """((file, name), line) of every place the code refers to a top-level name of a file.
+
+    A global name is the file's own or one it imported (`from llm.train import main`);
+    `train.main` names the file by its module. A name a function binds (a parameter,
+    an assignment) is its own, whatever the module has by that name.
+    """
+    def file_of(module: str) -> str | None:       # llm.train or train -> build/llm/train.py
+        return next((f for m, f in modules.items() if f".{m}".endswith(f".{module}")), None)
+
+    imported = {a.asname or a.name: (file_of(node.module), a.name) for node in pyast.walk(tree)
+                if isinstance(node, pyast.ImportFrom) and node.module for a in node.names}
+    variables = assigned(tree) | {n.arg for n in pyast.walk(tree) if isinstance(n, pyast.arg)}
+    out = []
+
+    def visit(node: pyast.AST, local: frozenset) -> None:
+        if isinstance(node, SCOPES):
+            bound, declared = set(), set()
+            for n in pyast.walk(node):
+                if isinstance(n, pyast.Name) and isinstance(n.ctx, pyast.Store):
+                    bound.add(n.id)
+                elif isinstance(n, pyast.arg):
+                    bound.add(n.arg)
+                elif isinstance(n, pyast.Global):
+                    declared.update(n.names)
+            local = local | (bound - declared)
+        key = None
+        if isinstance(node, pyast.Name) and isinstance(node.ctx, pyast.Load):
+            if node.id not in local:
+                key = (file, node.id) if (file, node.id) in defined else imported.get(node.id)
+        elif isinstance(node, pyast.Attribute) and isinstance(node.value, CHAINS):
+            owner = node.value                   # train in train.main, llm.train in llm.train.main
+            if getattr(owner, "id", None) not in variables:     # not a variable `model` (a GPT)
+                key = (file_of(pyast.unparse(owner)), node.attr)
+        if key in defined:
+            out.append((key, node.lineno))
+        for child in pyast.iter_child_nodes(node):
+            visit(child, local)
+    visit(tree, frozenset())
+    return out
+
+
+def identifiers(book: Book, outputs: dict[str, literate.Output]) -> list[Identifier]:
+    """Every top-level name of the tangled Python files whose definition the book shows."""
+    at = {k: p for p in book.pieces for k in range(p.block.line + 1, p.block.end_line)}
+    files = {rel: pyast.parse(out.text) for rel, out in outputs.items() if rel.endswith(".py")}
+    modules = {".".join(Path(rel).with_suffix("").parts): rel for rel in files}
+
+    def block_of(rel: str, line: int) -> Piece | None:   # through the source map
+        return at.get(outputs[rel].lines[line - 1].org_line)
+
+    found: dict[tuple[str, str], Identifier] = {}
+    for rel, tree in files.items():
+        for name, line in top_level_names(tree):
+            p = block_of(rel, line)
+            if p and p.visible and (rel, name) not in found:
+                found[rel, name] = Identifier(name, rel, p)
+    uses = [(key, block_of(rel, line)) for rel, tree in files.items()
+            for key, line in global_uses(tree, rel, modules, found)]
+    tangled = {line.org_line for out in outputs.values() for line in out.lines}
+    for p in book.pieces:         # the blocks no file holds: result blocks, examples
+        if p.block.lang == "python" and tangled.isdisjoint(range(p.block.line, p.block.end_line)):
+            try:
+                tree = pyast.parse("\n".join(p.block.body))
+            except SyntaxError:
+                continue
+            uses += [(key, p) for key, _ in global_uses(tree, None, modules, found)]
+    for key, p in sorted(uses, key=lambda use: use[1].block.line if use[1] else 0):
+        ident = found[key]
+        if p and p.visible and p is not ident.defined and p not in ident.users:
+            ident.users.append(p)
+    return sorted(found.values(), key=lambda i: (i.name.casefold(), i.name, i.file))
 
 
 # ---------------------------------------------------------------------------
@@ -867,7 +982,7 @@ def org_options(doc: literate.Document) -> dict[str, str]:
 
 
 def index_source(book: Book) -> str:
-    """The chunk index and the list of files, as Typst (each only if it has entries)."""
+    """The chunk index, the list of files and the identifier index, as Typst (each if not empty)."""
     def ids(pieces: list[Piece]) -> str:
         return ", ".join(typ_str(p.id) for p in pieces) + ","
 
@@ -890,7 +1005,22 @@ def index_source(book: Book) -> str:
     if files:
         out += ["", "#heading(level: 2, numbering: none)[Files the book builds]", "",
                 "Each file: the pages of its blocks, in the order they are written to it.", "", *files]
+    if book.identifiers:
+        out += ["", "#heading(level: 2, numbering: none)[Index of identifiers]", "",
+                "Each top-level name of the code: its file, the page that defines it, then the "
+                "pages of the blocks that use it.", "", "#columns(2, gutter: 1.5em)[",
+                *map(identifier_entry, book.identifiers), "]"]
     return "\n".join(out) + "\n"
+
+
+def identifier_entry(ident: Identifier) -> str:
+    """`GPT model.py defined 45 used 50, 61`: the name links to its definition."""
+    p = ident.defined
+    used = ", ".join(typ_str(u.id) for u in ident.users)
+    return (f"#index-entry(link(label({typ_str(p.id)}), raw({typ_str(ident.name)})), "
+            f"text(size: 0.8em, fill: muted, raw({typ_str(Path(ident.file).name)})), "
+            f"[defined #pages-of(({typ_str(p.id)},))], "
+            + (f"[used #pages-of(({used},))])" if used else "[])"))
 
 
 def typst_source(book: Book, body: str) -> str:
@@ -985,7 +1115,7 @@ def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
 def book_source(org: Path) -> tuple[Book, str]:
     """The model of the book and the whole Typst source, in memory."""
     doc = literate.parse(Path(org))
-    literate.tangle_document(doc)         # the book must tangle: same errors, same lines
+    outputs = literate.tangle_document(doc)   # the book must tangle: same errors, same lines
     book = book_model(doc)
     check_includes(doc)
     ast = read_org(doc, marked_source(doc))
@@ -1003,6 +1133,7 @@ def book_source(org: Path) -> tuple[Book, str]:
     find_ids(ast["blocks"])
     for p in book.pieces:
         p.visible = p.id in shown       # pandoc drops :exports none blocks
+    book.identifiers = identifiers(book, outputs)
     res = results.load(doc)             # cheap results run now, frozen ones are read
     rewriter = Rewriter(book, ast, res)
     ast["blocks"] = rewriter.run()

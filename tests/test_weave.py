@@ -1,4 +1,5 @@
 """The weave: llm.org -> PDF. Built on a fixture book that has every construct, and on llm.org."""
+import ast
 import re
 import shutil
 import subprocess
@@ -115,6 +116,39 @@ def test_cross_references_in_the_typst_source(fixture_book):
     assert source.count("#index-entry(raw(") == 2
 
 
+def test_identifier_index(fixture_book):
+    _, source, text = fixture_book
+    entries = {m.group(1): m.group(0) for m in
+               re.finditer(r'#index-entry\(link\(label\("blk-\d+"\), raw\("(\w+)"\)\).*', source)}
+    assert sorted(entries) == ["count", "mean", "report"]     # HIDDEN_CONSTANT's block is hidden
+    blk = {s: f"blk-{line_of(FIXTURE, s) - 1}" for s in ("def count(", "count(xs) / len",
+                                                          "from fixture.count import")}
+    # count is defined in its file's block and used by ⟨mean expr⟩ and by the report.
+    assert entries["count"] == (
+        f'#index-entry(link(label("{blk["def count("]}"), raw("count")), text(size: 0.8em, '
+        f'fill: muted, raw("count.py")), [defined #pages-of(("{blk["def count("]}",))], '
+        f'[used #pages-of(("{blk["count(xs) / len"]}", "{blk["from fixture.count import"]}",))])')
+    assert "[used" not in entries["mean"] + entries["report"]
+    assert re.search(r"Index of identifiers .* count count\.py defined \d+ used \d+, \d+ mean", text)
+
+
+def test_identifier_uses_follow_pythons_scopes():
+    tree = ast.parse("from llm.train import main as run\n"
+                     "import llm.model\n"
+                     "def f(T, cfg):\n"
+                     "    GPT = 1\n"
+                     "    return T + run() + llm.model.T + cfg.T + GPT + train.main\n"
+                     "model = f\n"
+                     "print(model.GPT, T)\n")
+    modules = {"build.llm.train": "build/llm/train.py", "build.llm.model": "build/llm/model.py"}
+    main, T, GPT = ("build/llm/train.py", "main"), ("build/llm/model.py", "T"), ("build/llm/model.py", "GPT")
+    # T and GPT inside f are f's own, cfg.T is a field, and `model` below is a variable.
+    assert weave.global_uses(tree, None, modules, {main, T, GPT}) == [(main, 5), (T, 5), (main, 5)]
+    # In model.py itself, the bare T at the top level is the module's.
+    assert weave.global_uses(tree, "build/llm/model.py", modules, {main, T, GPT}) == [
+        (main, 5), (T, 5), (main, 5), (T, 7)]
+
+
 def test_numbered_equation_survives(fixture_book):
     _, source, text = fixture_book
     assert re.search(r"#numbered\[\$ S = sum_\(i = 1\)\^n x_i .*\$ <eq:sum>\]", source)
@@ -189,3 +223,9 @@ def test_the_real_book(tmp_path):
     assert shown    # the preface's ⟨cli commands⟩ at least
     for name in shown:
         assert f"⟨{weave.display_name(name)}⟩" in text
+    # The identifier index, the book's last pages, names every top-level name of the code.
+    index = range(bookmarks["Index of identifiers"], len(reader.pages))
+    text = " ".join(" ".join(reader.pages[k].extract_text().split()) for k in index)
+    assert len(book.identifiers) > 300 and {"GPT", "generate", "PRESETS"} <= {i.name for i in book.identifiers}
+    for ident in book.identifiers:
+        assert f"{ident.name} {Path(ident.file).name} defined" in text
