@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))            # tangle.py, literate.py, weave.py, results.py
@@ -37,3 +38,12 @@ def pytest_runtest_makereport(item, call):
         frames = book_frames(call.excinfo.tb)
         if frames:
             report.sections.append(("where to fix it in llm.org", "\n".join(frames)))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine it only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

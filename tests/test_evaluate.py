@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llm.evaluate")
-from llm import bigram, data, evaluate, model, train  # noqa: E402
-from llm.tokenizer import CharTokenizer, load_tokenizer  # noqa: E402
+from llm import bigram, data, evaluate, model, train
+from llm.tokenizer import CharTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,16 +9,12 @@ import subprocess
 import pytest
 import torch
 
-pytest.importorskip("llm.finetune")
-from llm import finetune as ft, model  # noqa: E402
+from llm import finetune as ft, model
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one thread (conftest's one_thread)."""
 
 
 def tiny_gpt(vocab_size: int = 16, seed: int = 0, **changes) -> model.GPT:

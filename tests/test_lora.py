@@ -5,16 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("llm.lora")
-from llm import lora, model  # noqa: E402
+from llm import lora, model
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one thread (conftest's one_thread)."""
 
 
 def tiny_gpt(seed: int = 0) -> model.GPT:

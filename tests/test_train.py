@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("llm.model")
-pytest.importorskip("llm.data")
-from llm import data, model, optim, train  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from llm import data, model, optim, train
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "llm.org").read_text(encoding="utf-8")[:40_000]   # a small corpus at hand
