@@ -294,3 +294,11 @@ def test_bigram_without_prepared_data_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"python -m llm bigram: error: --data {tmp_path / 'missing'} holds no "
                    "prepared data: run `python -m llm prepare` first\n")
+
+
+def test_ctrl_c_ends_a_command_in_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "main", interrupted)
+    assert cli(["prepare"]) == 130
+    assert capsys.readouterr().err == "python -m llm prepare: interrupted\n"
