@@ -103,8 +103,23 @@ def test_make_optimizer(kind):
     opt = optim.make_optimizer(Net(), kind, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
                                device=torch.device("cpu"))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-    with pytest.raises(ValueError, match="'ours' or 'torch'"):
+    with pytest.raises(ValueError, match="'ours', 'torch', 'sgd' or 'momentum'"):
         optim.make_optimizer(Net(), "adam", 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind, momentum", [("sgd", 0.0), ("momentum", 0.9)])
+def test_make_optimizer_offers_sgd_and_momentum(kind, momentum):
+    net = Net()
+    opt = optim.make_optimizer(net, kind, lr=0.5, weight_decay=0.1, betas=(0.9, 0.95),
+                               device=torch.device("cpu"))
+    assert isinstance(opt, optim.SGD) and [g["momentum"] for g in opt.param_groups] == [momentum] * 2
+    before = [p.detach().clone() for p in net.parameters()]
+    for _ in range(2):                      # two steps of gradient 1: v = 1, then 1 + momentum
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    for b, a in zip(before, net.parameters()):   # no weight decay: only the gradient moves them
+        assert torch.allclose(a, b - 0.5 * (2 + momentum))
 
 
 def test_schedule_at_hand_computed_steps():

@@ -160,6 +160,26 @@ def test_mixed_precision_and_fast_paths_train(data_dir, tmp_path, dtype, scaler,
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
 
 
+@pytest.mark.parametrize("scaler", ["none", "ours"])
+def test_float16_logs_the_loss_scale_and_skipped_steps(data_dir, tmp_path, monkeypatch, scaler):
+    # A scale far too large, as the book's figure starts it: the first steps must overflow.
+    monkeypatch.setitem(train.SCALER, "init_scale", 2.0 ** 24)
+    monkeypatch.setitem(train.SCALER, "growth_interval", 3)
+    cfg = tiny(data_dir, tmp_path / "run", dtype="float16", scaler=scaler, max_steps=12)
+    train.train(cfg, model.PRESETS["tiny"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    scales = [r["loss_scale"] for r in steps]
+    if scaler == "none":                             # no scaling: nothing skipped, scale 1
+        assert scales == [1.0] * len(steps) and steps[-1]["skipped"] == 0
+    else:
+        assert steps[0]["skipped"] >= 1 and scales[0] < 2.0 ** 24       # halved on overflow
+        assert steps[-1]["skipped"] < cfg.max_steps                      # and then it trains
+        assert all(math.log2(s).is_integer() for s in scales)            # halved or doubled
+        assert max(b / a for a, b in zip(scales, scales[1:])) == 2.0     # grew after 3 clean
+    assert all(math.isfinite(r["loss"]) for r in steps)
+
+
 def test_bad_settings_stop_before_training(tmp_path):
     with pytest.raises(ValueError, match="--warmup-steps must be below --max-steps=10, got 50"):
         train.TrainConfig(max_steps=10, warmup_steps=50)
