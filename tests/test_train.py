@@ -431,3 +431,12 @@ def test_betas_are_flags_recorded_and_kept_on_resume(data_dir, tmp_path, capsys)
                          (["--beta1", -0.1], "--beta1 must be in [0, 1), got -0.1")):
         one_line_error(capsys, 2, cli_train(*tiny_flags(data_dir, tmp_path / "x", *bad)),
                        message)
+
+
+def test_resume_accepts_the_models_own_flags(finished_run, tmp_path, capsys):
+    """make train passes --pos rope; make train ARGS=--resume passes it again."""
+    run = copy_run(finished_run, tmp_path / "run")
+    one_line_error(capsys, 2, cli_train("--out", run, "--resume", "--max-steps", 6,
+                                        "--pos", "rope"), "a resumed run keeps its model")
+    assert cli_train("--out", run, "--resume", "--max-steps", 6, "--pos", "learned") == 0
+    assert train.find_checkpoint(run).name == "ckpt-0000006"
