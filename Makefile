@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf results bench check clean train finetune
+.PHONY: help setup tangle test pdf results bench check clean train finetune speedrun
+.PHONY: speedrun-table
 .PHONY: finetune-classify finetune-instruct finetune-dpo
 
 help: ## list the targets
@@ -54,9 +55,29 @@ ARGS ?=
 # (13% of a CPU step in page faults, measured); these settings keep them.
 MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
+# The cpu preset with rotary positions: the speedrun's largest lesson (llm.org, "A speedrun").
 train: tangle ## train the default model on Shakespeare (about 10 min on a laptop CPU) into runs/
 	test -f $(DATA)/meta.json || PYTHONPATH=build $(PY) -m llm prepare
-	$(MALLOC) PYTHONPATH=build $(PY) -m llm train --preset cpu --data $(DATA) --out $(RUN) $(ARGS)
+	$(MALLOC) PYTHONPATH=build $(PY) -m llm train --preset cpu --pos rope --data $(DATA) \
+	  --out $(RUN) $(ARGS)
+
+# `make speedrun`: the best model this package trains in BUDGET seconds (100) on character-level
+# text, scored on all of its last 10%: the corpus's plays as tiny Shakespeare, or TEXT=FILE.
+#   make speedrun TEXT=input.txt       make speedrun BUDGET=30 ARGS="--row 3"
+BUDGET ?= 100
+TEXT ?=
+speedrun: tangle ## the best model in 100 seconds on character-level Shakespeare (runs/speedrun/)
+	$(LLM) speedrun --budget $(BUDGET) $(if $(TEXT),--text $(TEXT)) $(ARGS)
+
+# `make speedrun-table`: every row of the speedrun's table, one BUDGET-second run each (about
+# two minutes a row), into runs/speedrun-table/; `make results NAMES=r-speedrun` then records it.
+speedrun-table: tangle
+	mkdir -p runs/speedrun-table
+	rows=$$(PYTHONPATH=build $(PY) -c 'from llm.speedrun import RECIPE; print(len(RECIPE))'); \
+	for k in $$(seq 0 $$((rows - 1))); do \
+	  $(LLM) speedrun --row $$k --budget $(BUDGET) --out runs/speedrun-table/work \
+	    --json runs/speedrun-table/row-$$k.json || exit 1; \
+	done
 
 # `make finetune`: the finetuning chapters' demonstrations, from the `make train` model, each a
 # few minutes on a laptop CPU, into runs/finetune/ (the book's frozen results read their reports):

@@ -628,6 +628,8 @@ def path_problem(org: Path, rel) -> str | None:
         return "is not a file name"
     if "\0" in rel:
         return "contains a NUL byte"
+    if any(c.isspace() for c in rel):       # most likely a header run into the value
+        return "has a space in it (not supported; is a header argument missing its ' :'?)"
     p = Path(rel)
     if p.is_absolute() or rel.startswith("~"):
         return "absolute paths are refused; use a path relative to the Org file"

@@ -410,3 +410,53 @@ def test_float16_loss_scale_has_a_floor(data_dir, tmp_path, monkeypatch):
     cfg = tiny(data_dir, tmp_path / "run", dtype="float16", max_steps=40, eval_every=40)
     with pytest.raises(FloatingPointError, match=r"loss scale fell below 1 at step 17 \(17 steps"):
         train.train(cfg, model.PRESETS["tiny"])
+
+
+# --- issue 18: a wall-clock budget; Adam's betas from the command line ------------------------
+
+def test_schedule_end_follows_the_clock():
+    cfg = train.TrainConfig(max_steps=1000, warmup_steps=10, max_seconds=60.0)
+    assert train.schedule_end(cfg, 5, 3.0) == 1000        # in warmup: the planned length
+    assert train.schedule_end(cfg, 100, 10.0) == 600      # 10 steps/s for 60 s
+    assert train.schedule_end(cfg, 100, 1.0) == 1000      # faster than planned: the cap
+    assert train.schedule_end(dataclasses.replace(cfg, max_seconds=0.0), 100, 10.0) == 1000
+
+
+def test_max_seconds_stops_the_run_and_saves(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    got = cli_train("--preset", "tiny", "--data", data_dir, "--out", run, "--max-steps", 100_000,
+                    "--warmup-steps", 2, "--eval-every", 100_000, "--eval-batches", 1,
+                    "--sample-tokens", 0, "--max-seconds", 1.5)
+    assert got == 0, capsys.readouterr().err
+    ckpt = train.find_checkpoint(run)
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    assert 1.5 <= state["seconds"] < 10 and 1 <= state["step"] < 100_000
+    assert ckpt.name == f"ckpt-{state['step']:07d}"          # saved where the clock stopped it
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == state["step"] and "val_loss" in records[-1]
+    assert f"trained to step {state['step']} in" in capsys.readouterr().out
+
+
+def test_betas_are_flags_recorded_and_kept_on_resume(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_train(*tiny_flags(data_dir, run, "--beta1", 0.8, "--beta2", 0.9)) == 0
+    saved = json.loads((train.find_checkpoint(run) / "config.json").read_text())
+    assert (saved["train"]["beta1"], saved["train"]["beta2"]) == (0.8, 0.9)
+    assert cli_train("--out", run, "--resume", "--max-steps", 6, "--beta2", 0.99) == 0
+    saved = json.loads((train.find_checkpoint(run) / "config.json").read_text())
+    assert (saved["train"]["beta1"], saved["train"]["beta2"]) == (0.8, 0.99)
+    state = torch.load(train.find_checkpoint(run) / "trainer.pt", weights_only=True)
+    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.8, 0.99)}
+    for bad, message in ((["--beta2", 1], "--beta2 must be in [0, 1), got 1.0"),
+                         (["--beta1", -0.1], "--beta1 must be in [0, 1), got -0.1")):
+        one_line_error(capsys, 2, cli_train(*tiny_flags(data_dir, tmp_path / "x", *bad)),
+                       message)
+
+
+def test_resume_accepts_the_models_own_flags(finished_run, tmp_path, capsys):
+    """make train passes --pos rope; make train ARGS=--resume passes it again."""
+    run = copy_run(finished_run, tmp_path / "run")
+    one_line_error(capsys, 2, cli_train("--out", run, "--resume", "--max-steps", 6,
+                                        "--pos", "rope"), "a resumed run keeps its model")
+    assert cli_train("--out", run, "--resume", "--max-steps", 6, "--pos", "learned") == 0
+    assert train.find_checkpoint(run).name == "ckpt-0000006"
