@@ -90,6 +90,45 @@ def test_softmax_log_softmax_cross_entropy_equal_torch():
 
 # --- attention ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("q_shape, kv_len, mask_shape", [
+    ((2, 3, 6, 8), 6, (6, 6)),            # square, one mask for every sequence and head
+    ((2, 3, 4, 8), 9, (4, 9)),            # non-square: 4 queries read 9 keys
+    ((2, 3, 5, 8), 7, (2, 1, 5, 7)),      # 4-D: one mask per sequence, broadcast over heads
+    ((2, 3, 5, 8), 5, (2, 3, 5, 5)),      # 4-D: one mask per sequence and head
+    ((7, 16), 11, (7, 11)),               # no batch dimensions at all
+])
+def test_scaled_dot_product_attention_equals_torch_with_any_boolean_mask(q_shape, kv_len,
+                                                                         mask_shape):
+    g = torch.Generator().manual_seed(sum(q_shape) + kv_len)
+    for _ in range(5):
+        q = torch.randn(q_shape, generator=g)
+        k = torch.randn(q_shape[:-2] + (kv_len, q_shape[-1]), generator=g)
+        v = torch.randn(q_shape[:-2] + (kv_len, 5), generator=g)   # values of another width
+        mask = torch.rand(mask_shape, generator=g) < 0.5
+        mask[..., 0] = True                   # no row without a key: softmax would be 0/0
+        ours = M.scaled_dot_product_attention(q, k, v, mask)
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert ours.shape == theirs.shape
+        assert max_error(ours, theirs) < 1e-6
+        assert not torch.equal(ours, M.scaled_dot_product_attention(q, k, v))  # mask mattered
+    no_mask = M.scaled_dot_product_attention(q, k, v)
+    assert max_error(no_mask, F.scaled_dot_product_attention(q, k, v)) < 1e-6
+
+
+def test_own_linear_and_embedding_equal_torch():
+    torch.manual_seed(0)
+    for n_in, n_out, bias in [(32, 48, True), (48, 32, False), (1, 5, True)]:
+        ours, theirs = M.Linear(n_in, n_out, bias), nn.Linear(n_in, n_out, bias)
+        theirs.load_state_dict(ours.state_dict())           # same names and shapes
+        x = torch.randn(3, 7, n_in)
+        assert (ours(x) - theirs(x)).abs().max() < 1e-6
+        assert (ours.bias is None) == (not bias)
+    ours, theirs = M.Embedding(97, 16), nn.Embedding(97, 16)
+    theirs.load_state_dict(ours.state_dict())
+    idx = torch.randint(0, 97, (4, 9))
+    assert torch.equal(ours(idx), theirs(idx)) and ours(idx).shape == (4, 9, 16)
+
+
 def classic_attention(attn: M.CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
     """Multi-head attention exactly as GPT-2 writes it: chunk(3), a tril mask, softmax."""
     B, T, C = x.shape
