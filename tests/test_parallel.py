@@ -25,7 +25,7 @@ def test_buckets_follow_backward_order_and_respect_the_cap():
 
 
 def test_hand_written_all_reduce_equals_ddp():
-    got = parallel.launch(parallel.gradients_four_ways, 0.05, timeout_s=300)
+    got = parallel.launch(parallel.gradients_four_ways, 0.05)
     for rank in range(2):
         g = got[rank]["grads"]
         assert got[rank]["buckets"] == 3                # 139 kB of gradients in 50 kB buckets
@@ -49,8 +49,10 @@ def test_train_with_our_all_reduce_equals_accumulation(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        settings = {**train.TRAIN_PRESETS["tiny"], **flags}     # what `--preset tiny` gives
         train.train(train.TrainConfig(preset="tiny", data=str(tmp_path / "data"),
-                                      out=str(tmp_path / "one"), **flags), model.PRESETS["tiny"])
+                                      out=str(tmp_path / "one"), **settings),
+                    model.PRESETS["tiny"])
     finally:
         torch.set_num_threads(threads)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -66,11 +68,11 @@ def test_train_with_our_all_reduce_equals_accumulation(tmp_path):
 
 
 def test_fsdp2_on_gloo_equals_one_process():
-    got = parallel.launch(parallel.fsdp_step, timeout_s=300)
+    got = parallel.launch(parallel.fsdp_step)
     assert got[0]["held"] + got[1]["held"] == got[0]["params"] == 34_688   # each holds half
     assert max(g["diff"] for g in got) < 1e-5
 
 
 def test_a_skipped_collective_fails_at_the_timeout():
-    message = parallel.launch(parallel.skip_a_collective, group_timeout_s=2, timeout_s=300)[0]
+    message = parallel.launch(parallel.skip_a_collective, group_timeout_s=2)[0]
     assert "Timed out" in message or "timeout" in message.lower(), message
