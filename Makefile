@@ -1,5 +1,6 @@
 # The book and its code come from llm.org. Edit llm.org, then:
 #   make pdf     the book (pdf/llm.pdf)
+#   make html    the web book (html/index.html); make notebooks: a notebook per chapter
 #   make test    tangle llm.org into build/ and test it
 #   make results recompute the book's frozen results (pdf/results/)
 #   make bench   measure this machine's speed; the Speed chapter reads pdf/results/bench.*
@@ -10,11 +11,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf results bench check clean train finetune
+.PHONY: help setup tangle test pdf html notebooks results bench check clean train finetune
 .PHONY: finetune-classify finetune-instruct finetune-dpo
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv and install the pinned requirements (once)
 
@@ -31,6 +32,12 @@ tangle: $(STAMP) ## write build/ from llm.org
 
 pdf: $(STAMP) ## weave llm.org into the book, pdf/llm.pdf
 	$(PY) tangle.py weave $(ORG)
+
+html: $(STAMP) ## the web book, html/ (open html/index.html): MathML, no JavaScript, offline
+	$(PY) web.py $(ORG)
+
+notebooks: tangle ## a Jupyter notebook per chapter, notebooks/NN-chapter.ipynb (they import build/)
+	$(PY) notebooks.py $(ORG)
 
 results: $(STAMP) ## recompute the frozen results under pdf/results/ (NAMES="a b" for some)
 	$(PY) results.py $(ORG) $(NAMES)
@@ -87,3 +94,8 @@ check: $(STAMP) ## fail if build/ differs from llm.org; test the literate tools
 
 clean: ## remove everything generated
 	rm -rf build pdf/llm.pdf pdf/llm.typ .$(basename $(ORG)).tangle.json .pytest_cache
+	@# The editions and the browser test's screenshots, each only if web.py, notebooks.py or
+	@# the tests made it (a folder of the same name that they did not make stays).
+	test ! -f html/.weave-web || rm -rf html
+	test ! -f notebooks/.weave-notebooks || rm -rf notebooks
+	rm -f test-artifacts/web-*.png; rmdir test-artifacts 2>/dev/null || true
