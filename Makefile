@@ -11,11 +11,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf html notebooks results bench check clean train finetune
+.PHONY: help setup tangle test test-notebooks pdf html notebooks results bench check clean train finetune
 .PHONY: finetune-classify finetune-instruct finetune-dpo
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv and install the pinned requirements (once)
 
@@ -51,6 +51,9 @@ bench: tangle ## measure speed: peaks, tokens/s and MFU, profile, fast paths (in
 
 test: tangle ## tangle, then run the whole test suite
 	$(PY) -m pytest -q tests
+
+test-notebooks: tangle ## run every chapter notebook in a fresh kernel (minutes; CI runs it)
+	$(PY) -m pytest -q -m slow tests/test_notebooks.py
 
 # `make train`: the default model on the default corpus. DATA, RUN and ARGS can be changed:
 #   make train ARGS="--max-steps 500"      make train ARGS=--overwrite      make train ARGS=--resume

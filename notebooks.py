@@ -248,7 +248,9 @@ def notebooks(org: Path, prepared: tuple | None = None) -> dict[str, bytes]:
     ast = dict(ast, blocks=rw.run())
     for w in rw.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    text, _ = weave.pandoc(book.doc, ["--from=json", "--to=gfm+tex_math_dollars", "--citeproc",
+    # Markdown as Jupyter reads it: $math$, pipe tables, HTML where Markdown has no syntax.
+    to = "markdown_strict+tex_math_dollars+pipe_tables+backtick_code_blocks+footnotes+raw_html"
+    text, _ = weave.pandoc(book.doc, ["--from=json", f"--to={to}", "--citeproc",
                                       "--wrap=none", "--reference-location=block"],
                            json.dumps(ast))
     parts = web.PAGE_RE.split(text)
