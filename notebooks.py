@@ -56,7 +56,7 @@ FIGURES = Path(os.environ.get("NOTEBOOK_FIGURES") or tempfile.mkdtemp(prefix="ll
 FIGURES.mkdir(parents=True, exist_ok=True)
 
 
-def show(result=None, figure=None):
+def show_result(result=None, figure=None):
     """What the book shows of a result block: its value, then its figure."""
     if result is not None:
         display(result)
@@ -67,7 +67,7 @@ def show(result=None, figure=None):
 def show_recorded(name):
     """A frozen result as the book recorded it: {results}/NAME.json and NAME.png."""
     record = json.loads((ROOT / "{results}" / f"{{name}}.json").read_text())
-    show(record["value"], ROOT / "{results}" / f"{{name}}.png")
+    show_result(record["value"], ROOT / "{results}" / f"{{name}}.png")
 '''
 
 
@@ -184,7 +184,8 @@ def result_cell(spec, name: str) -> list:
                 "\n\nThe recorded result (run the code above in this notebook to recompute it):")
         return [nbf.new_markdown_cell(note),
                 nbf.new_code_cell(f'show_recorded("{name}")')]
-    tail = "show(figure=figure_path)" if spec.output else "show(result, figure_path)"
+    tail = ("show_result(figure=figure_path)" if spec.output
+            else "show_result(result, figure_path)")
     return [nbf.new_code_cell(f'result, figure_path = None, FIGURES / "{name}.png"\n'
                               f"{code}\n{tail}")]
 
