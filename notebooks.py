@@ -210,8 +210,9 @@ def chapter_cells(rw: NotebookRewriter, markdown: str, org: str) -> list:
 
     def flush():
         nonlocal text
-        if text.strip():
-            out.append(nbf.new_markdown_cell(re.sub(r"\n{3,}", "\n\n", text.strip())))
+        if text.strip():          # (a cell may open with an indented block: keep its spaces)
+            text = re.sub(r"\n{3,}", "\n\n", re.sub(r"^(?:[ \t]*\n)+", "", text).rstrip())
+            out.append(nbf.new_markdown_cell(text))
         text = ""
 
     prose(pieces[0])
