@@ -101,4 +101,4 @@ clean: ## remove everything generated
 	@# the tests made it (a folder of the same name that they did not make stays).
 	test ! -f html/.weave-web || rm -rf html
 	test ! -f notebooks/.weave-notebooks || rm -rf notebooks
-	rm -f test-artifacts/web-*.png; rmdir test-artifacts 2>/dev/null || true
+	rm -f test-artifacts/web-*.png test-artifacts/notebook-times.json; rmdir test-artifacts 2>/dev/null || true
