@@ -1,5 +1,6 @@
 # The book and its code come from llm.org. Edit llm.org, then:
 #   make pdf     the book (pdf/llm.pdf)
+#   make html    the web book (html/index.html); make notebooks: a notebook per chapter
 #   make test    tangle llm.org into build/ and test it
 #   make results recompute the book's frozen results (pdf/results/)
 #   make bench   measure this machine's speed; the Speed chapter reads pdf/results/bench.*
@@ -10,12 +11,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf results bench check clean train finetune speedrun
-.PHONY: speedrun-table
+.PHONY: help setup tangle test test-notebooks pdf html notebooks results bench check clean
+.PHONY: train finetune speedrun speedrun-table
 .PHONY: finetune-classify finetune-instruct finetune-dpo
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv and install the pinned requirements (once)
 
@@ -33,6 +34,12 @@ tangle: $(STAMP) ## write build/ from llm.org
 pdf: $(STAMP) ## weave llm.org into the book, pdf/llm.pdf
 	$(PY) tangle.py weave $(ORG)
 
+html: $(STAMP) ## the web book, html/ (open html/index.html): MathML, no JavaScript, offline
+	$(PY) web.py $(ORG)
+
+notebooks: tangle ## a Jupyter notebook per chapter, notebooks/NN-chapter.ipynb (they import build/)
+	$(PY) notebooks.py $(ORG)
+
 results: $(STAMP) ## recompute the frozen results under pdf/results/ (NAMES="a b" for some)
 	$(PY) results.py $(ORG) $(NAMES)
 
@@ -45,6 +52,9 @@ bench: tangle ## measure speed: peaks, tokens/s and MFU, profile, fast paths (in
 
 test: tangle ## tangle, then run the whole test suite
 	$(PY) -m pytest -q tests
+
+test-notebooks: tangle ## run every chapter notebook in a fresh kernel (minutes; CI runs it)
+	$(PY) -m pytest -q -m slow tests/test_notebooks.py
 
 # `make train`: the default model on the default corpus. DATA, RUN and ARGS can be changed:
 #   make train ARGS="--max-steps 500"      make train ARGS=--overwrite      make train ARGS=--resume
@@ -108,3 +118,8 @@ check: $(STAMP) ## fail if build/ differs from llm.org; test the literate tools
 
 clean: ## remove everything generated
 	rm -rf build pdf/llm.pdf pdf/llm.typ .$(basename $(ORG)).tangle.json .pytest_cache
+	@# The editions and the browser test's screenshots, each only if web.py, notebooks.py or
+	@# the tests made it (a folder of the same name that they did not make stays).
+	test ! -f html/.weave-web || rm -rf html
+	test ! -f notebooks/.weave-notebooks || rm -rf notebooks
+	rm -f test-artifacts/web-*.png test-artifacts/notebook-times.json; rmdir test-artifacts 2>/dev/null || true

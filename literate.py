@@ -613,7 +613,7 @@ def target_of(doc: Document, b: Block) -> str | None:
 # What tangle never writes (nor removes), whatever a block or the manifest says: git's files,
 # the Org file, the literate tools and tangle's manifest. Names are compared in lower case:
 # on macOS and Windows `LLM.org` is `llm.org`.
-TOOLS = ("literate.py", "tangle.py", "weave.py", "results.py")
+TOOLS = ("literate.py", "tangle.py", "weave.py", "results.py", "web.py", "notebooks.py")
 # The Makefile only by a block that names it itself (see check_target).
 MAKEFILES = ("makefile", "gnumakefile")
 
@@ -813,6 +813,48 @@ def atomic_write(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_generated_folder(out: Path, marker: str, tool: str) -> None:
+    """`out` is absent, or a folder `tool` wrote (it holds `marker`): nothing else is replaced."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not (out.is_dir() and (out / marker).is_file())):
+        raise TangleError(out, None, f"exists and was not written by {tool}: move it away "
+                          "or choose another folder with -o")
+
+
+def write_folder(out: Path, files: dict[str, bytes], marker: str) -> None:
+    """Replace the folder `out` by exactly `files` (relative path -> bytes), all or nothing.
+
+    Written into a temporary sibling, then renamed into place; the old folder (one with
+    `marker`, see check_generated_folder) is removed only once the new one is there.
+    """
+    import shutil
+    import tempfile
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = None
+    try:
+        for rel, data in sorted(files.items()):
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            old = out.parent / f"{tmp.name}.old"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def previous_targets(org: Path) -> list[str]:

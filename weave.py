@@ -518,10 +518,10 @@ class Rewriter:
             if level == 1 and PART.match(title):
                 demote = 0
                 if not in_main:
-                    out.append(typ_block("#show: mainmatter"))
+                    out += self.matter("mainmatter")
                     in_main = True
                 if unnumbered:
-                    out.append(typ_block("#show: appendices"))
+                    out += self.matter("appendices")
                 new_level, numbered = 1, False
             else:
                 if level == 1:
@@ -533,11 +533,51 @@ class Rewriter:
             if not numbered:
                 classes.append("unnumbered")
             elif not in_main:       # a book without parts: page 1 is the first chapter's
-                out.append(typ_block("#show: mainmatter"))
+                out += self.matter("mainmatter")
                 in_main = True
-            out.append(typ_block(self.mark(line)))
-            out.append(el("Header", [new_level, [attr[0], classes, []], self.inlines(inlines)]))
+            out += self.heading(line, new_level, [attr[0], classes, []], self.inlines(inlines))
         return out
+
+    # -- what the typesetting language writes (the web edition overrides these) -----------
+    def mark_inline(self, line: int | None = None) -> list:
+        """A comment naming the Org line, so Typst's errors can be traced back to it."""
+        return [typ(self.mark(line))]
+
+    def mark_block(self, line: int | None = None) -> list:
+        return [typ_block(self.mark(line))]
+
+    def matter(self, kind: str) -> list:
+        """Where the main matter ("mainmatter") or the appendices ("appendices") begin."""
+        return [typ_block(f"#show: {kind}")]
+
+    def heading(self, line: int, level: int, attr: list, inlines: list) -> list:
+        """A heading in its book role: 1 part, 2 chapter, 3 section, 4 subsection."""
+        return self.mark_block(line) + [el("Header", [level, attr, inlines])]
+
+    def caption_note(self, inlines: list) -> list:
+        """The #+CAPTION of a source block, above it."""
+        return [el("Plain", [typ("#block(below: 0em, sticky: true, small-note(emph[")]
+                    + inlines + [typ("]))")])]
+
+    def chunk_link(self, name: str, p: Piece) -> list:
+        """[[chunk-name]] in the prose: ⟨chunk name⟩, a link to its first block."""
+        return [typ(f"#chunk-name({typ_str(display_name(name))}, dest: {typ_str(p.id)})")]
+
+    def float_ref(self, target: str) -> list:
+        """[[fig-x]]: the number of a figure or table, as Org exports it."""
+        return [typ(f"#ref(label({typ_str(target)}), supplement: none)")]
+
+    def numbered_equation(self, math: dict, label: str | None) -> list:
+        tail = f" <{label}>" if label else ""
+        return [typ("#numbered["), math, typ(tail + "]")]
+
+    def equation_ref(self, kind: str, label: str) -> list:
+        sup = ", supplement: none" if kind == "eqref" else ""
+        return [typ(f"#ref(label({typ_str(label)}){sup})")]
+
+    def image_url(self, rel: str) -> str:
+        """The address of an image of the book's folder (rel: its path there)."""
+        return "/" + rel
 
     def blocks(self, xs: list) -> list:
         out = []
@@ -569,8 +609,7 @@ class Rewriter:
             caption = [b for b in c[1] if b["t"] == "Div" and "caption" in b["c"][0][1]]
             rest = [b for b in c[1] if b not in caption]
             text = [i for b in caption for p in b["c"][1] if p["t"] in ("Para", "Plain") for i in p["c"]]
-            head = [el("Plain", [typ("#block(below: 0em, sticky: true, small-note(emph[")]
-                        + self.inlines(text) + [typ("]))")])] if text else []
+            head = self.caption_note(self.inlines(text)) if text else []
             return head + self.blocks(rest)
         if t == "Div":
             return [el(t, [c[0], self.blocks(c[1])])]
@@ -636,9 +675,12 @@ class Rewriter:
         if p is None:
             # A block tangle skips (under a COMMENT heading) that pandoc kept.
             return [el("CodeBlock", [["", classes, []], text])]
-        b = p.block
-        self.cursor = max(self.cursor, b.line)
-        book = self.book
+        self.cursor = max(self.cursor, p.block.line)
+        return self.chunk_block(p)
+
+    def chunk_block(self, p: Piece) -> list:
+        """A shown source block with its label line (⟨name⟩≡ → file) and cross-references."""
+        b, book = p.block, self.book
         args = []
         if p.chunk:
             args.append(f"name: {typ_str(display_name(p.chunk))}")
@@ -700,7 +742,7 @@ class Rewriter:
             return self.latex(c[1])
         if t == "Math":
             line = self.advance(c[1])
-            return [typ(self.mark(line)), el("Math", [c[0], grouped_digits(c[1])])]
+            return self.mark_inline(line) + [el("Math", [c[0], grouped_digits(c[1])])]
         if t == "Image":
             return self.image(x)
         if t in ("Emph", "Strong", "Strikeout", "Superscript", "Subscript", "SmallCaps", "Underline"):
@@ -746,7 +788,7 @@ class Rewriter:
             self.warnings.append(f"{self.name}:{line}: [[result:{ref}]]: the prose says {desc!r}, "
                                  f"the code computes {results.render(value, desc)!r}; the book "
                                  "prints the computed value")
-        return [typ(self.mark(line)), el("Str", results.render(value, desc))]
+        return self.mark_inline(line) + [el("Str", results.render(value, desc))]
 
     def placed_result(self, inlines: list) -> list | None:
         """A paragraph holding only [[result:NAME]] of a table or multi-line text: the table."""
@@ -757,7 +799,7 @@ class Rewriter:
         ref = real[0]["c"][2][0][len("result:"):]
         line, value = self.result_value(ref)
         if isinstance(value, str) and "\n" in value:
-            return [typ_block(self.mark(line)), el("CodeBlock", [["", [], []], value.rstrip("\n")])]
+            return self.mark_block(line) + [el("CodeBlock", [["", [], []], value.rstrip("\n")])]
         if not isinstance(value, list):
             return None
         if not value or not all(isinstance(r, list) and len(r) == len(value[0]) for r in value):
@@ -775,7 +817,7 @@ class Rewriter:
         cursor = self.cursor
         table = self.table(table)
         self.cursor = cursor                # table() looks for its | lines: there are none
-        return [typ_block(self.mark(line)), table]
+        return self.mark_block(line) + [table]
 
     def image(self, x: dict) -> list:
         attr, alt, (url, title) = x["c"]
@@ -790,7 +832,8 @@ class Rewriter:
             rel = real.relative_to(self.root).as_posix()
         except ValueError:
             raise self.error(line, f"image {path} is outside the book's folder") from None
-        return [typ(self.mark(line)), el("Image", [attr, self.inlines(alt), ["/" + rel, title]])]
+        return self.mark_inline(line) + [el("Image", [attr, self.inlines(alt),
+                                                      [self.image_url(rel), title]])]
 
     def link(self, target: str, content: list) -> list:
         """[[*Heading]], [[name]] and [[name][description]]: real links, or an error."""
@@ -800,7 +843,7 @@ class Rewriter:
         line = self.find_line(f"[[{target}")
         if line:
             self.cursor = max(self.cursor, line)
-        mark = typ(self.mark(line))
+        mark = self.mark_inline(line)
         name = target[1:] if target.startswith("*") else target
         if not target.startswith("*"):
             if target in self.book.chunks:
@@ -809,35 +852,34 @@ class Rewriter:
                     raise self.error(line, f"[[{target}]]: chunk {target} is never shown "
                                      "(all its blocks are :exports none)")
                 if desc:
-                    return [mark, el("Link", [["", [], []], desc, ["#" + p.id, ""]])]
-                name = typ_str(display_name(target))
-                return [mark, typ(f"#chunk-name({name}, dest: {typ_str(p.id)})")]
+                    return mark + [el("Link", [["", [], []], desc, ["#" + p.id, ""]])]
+                return mark + self.chunk_link(target, p)
             if target in self.floats or target in self.equations:
                 if desc:
-                    return [mark, el("Link", [["", [], []], desc, ["#" + target, ""]])]
+                    return mark + [el("Link", [["", [], []], desc, ["#" + target, ""]])]
                 # As Org exports it: the number alone ("Table [[tab-x]]" -> "Table 2").
-                return [mark, typ(f"#ref(label({typ_str(target)}), supplement: none)")]
+                return mark + self.float_ref(target)
         hit = self.heading_ids.get(norm_title(name))
         if hit:
             ident, inlines = hit
             body = desc or [el("Emph", self.inlines(inlines))]
-            return [mark, el("Link", [["", [], []], body, ["#" + ident, ""]])]
+            return mark + [el("Link", [["", [], []], body, ["#" + ident, ""]])]
         what = ("no heading titled" if target.startswith("*")
                 else "no chunk, figure, table or heading named")
         # Org's export stops on a broken link unless #+OPTIONS: broken-links:t or :mark.
         broken = org_options(self.doc).get("broken-links", "nil")
         if broken == "mark":
             self.warnings.append(f"{self.name}:{line}: [[{target}]]: {what} {name!r}")
-            return [mark, el("Strong", [el("Str", f"[BROKEN LINK: {target}]")])]
+            return mark + [el("Strong", [el("Str", f"[BROKEN LINK: {target}]")])]
         if broken == "t":
-            return [mark] + (desc or [el("Emph", [el("Str", name)])])
+            return mark + (desc or [el("Emph", [el("Str", name)])])
         raise self.error(line, f"[[{target}]]: {what} {name!r} (while chapters are missing, "
                          "#+OPTIONS: broken-links:mark weaves anyway)")
 
     def latex(self, text: str) -> list:
         """Raw LaTeX pandoc kept: equation environments and \\eqref; anything else is dropped."""
         line = self.advance(text)
-        mark = typ(self.mark(line))
+        mark = self.mark_inline(line)
         if m := ENV.match(text):
             env, star, inner = m.groups()
             labels = LABEL.findall(inner)
@@ -849,19 +891,17 @@ class Rewriter:
                 inner = f"\\begin{{gathered}}{inner}\\end{{gathered}}"
             math = el("Math", [el("DisplayMath"), grouped_digits(inner)])
             if star:
-                return [mark, math]
+                return mark + [math]
             if len(labels) > 1:
                 raise self.error(line, f"one \\label per equation, got {', '.join(labels)}")
-            tail = f" <{labels[0]}>" if labels and re.fullmatch(r"[\w:.-]+", labels[0]) else ""
-            if labels and not tail:
+            if labels and not re.fullmatch(r"[\w:.-]+", labels[0]):
                 raise self.error(line, f"\\label{{{labels[0]}}}: use letters, digits and - _ : . only")
-            return [mark, typ("#numbered["), math, typ(tail + "]")]
+            return mark + self.numbered_equation(math, labels[0] if labels else None)
         if m := REF.match(text):
             kind, lab = m.groups()
             if lab not in self.equations and lab not in self.floats:
                 raise self.error(line, f"\\{kind}{{{lab}}}: no \\label{{{lab}}} in the book")
-            sup = ", supplement: none" if kind == "eqref" else ""
-            return [mark, typ(f"#ref(label({typ_str(lab)}){sup})")]
+            return mark + self.equation_ref(kind, lab)
         self.warnings.append(f"{self.name}:{line}: raw LaTeX the book cannot typeset, left out: "
                              f"{text.strip()[:60]}")
         return []
@@ -1112,8 +1152,10 @@ def compile_pdf(book: Book, source: str, typ_path: Path | None) -> bytes:
     return pdf
 
 
-def book_source(org: Path) -> tuple[Book, str]:
-    """The model of the book and the whole Typst source, in memory."""
+def prepare(org: Path) -> tuple[Book, dict, results.Results]:
+    """What every edition starts from: the model of the book, pandoc's AST of it (each
+    code block marked with its weave-id) and the results. Slow parts (pandoc reading
+    the whole file, the cheap results running) are done once here."""
     doc = literate.parse(Path(org))
     outputs = literate.tangle_document(doc)   # the book must tangle: same errors, same lines
     book = book_model(doc)
@@ -1135,6 +1177,13 @@ def book_source(org: Path) -> tuple[Book, str]:
         p.visible = p.id in shown       # pandoc drops :exports none blocks
     book.identifiers = identifiers(book, outputs)
     res = results.load(doc)             # cheap results run now, frozen ones are read
+    return book, ast, res
+
+
+def book_source(org: Path, prepared: tuple | None = None) -> tuple[Book, str]:
+    """The model of the book and the whole Typst source, in memory."""
+    book, ast, res = prepared or prepare(org)
+    doc = book.doc
     rewriter = Rewriter(book, ast, res)
     ast["blocks"] = rewriter.run()
     for w in res.warnings + rewriter.warnings + missing_glyphs(book.doc):

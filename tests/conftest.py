@@ -47,3 +47,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def llm_book():
+    """weave.prepare(llm.org) once per session: the PDF, web and notebook tests share the
+    slow part (pandoc reading the book, the cheap results running); each call gives a
+    fresh copy of pandoc's AST, which the rewriters change."""
+    import copy
+    import weave
+    book, ast, res = weave.prepare(ROOT / "llm.org")
+    return lambda: (book, copy.deepcopy(ast), res)

@@ -325,7 +325,7 @@ def test_noweb_refs_match_orgs_regexp():
 
 # --- 12. The tools import one way ------------------------------------------------------------
 
-TOOLS = ["literate", "tangle", "weave", "results"]
+TOOLS = ["literate", "tangle", "weave", "results", "web", "notebooks"]
 
 
 def test_tools_import_one_way():

@@ -200,10 +200,10 @@ def test_typst_error_prints_diagnostic_and_org_line(tmp_path, capsys):
     assert not pdf.exists() and not list(tmp_path.glob("*.pdf.*"))
 
 
-def test_the_real_book(tmp_path):
+def test_the_real_book(tmp_path, llm_book):
     """llm.org weaves; every chapter is a heading of the PDF and the index names every chunk."""
     org = ROOT / "llm.org"
-    book, source = weave.book_source(org)
+    book, source = weave.book_source(org, llm_book())
     out = tmp_path / "llm.pdf"
     out.write_bytes(weave.compile_pdf(book, source, None))
     reader = pypdf.PdfReader(out)
