@@ -41,6 +41,7 @@ BENCH_OUT ?= runs
 bench: tangle ## measure speed: peaks, tokens/s and MFU, profile, fast paths (into runs/bench.*)
 	mkdir -p $(BENCH_OUT)
 	PYTHONPATH=build $(PY) -m llm bench model --switch-threads 1 --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
+	PYTHONPATH=build $(PY) -m llm bench gpu
 
 test: tangle ## tangle, then run the whole test suite
 	$(PY) -m pytest -q tests
