@@ -148,3 +148,17 @@ def test_numeric_flags_are_range_checked_before_measuring(tmp_path, flags, messa
         main(["bench", "model", *flags, "--json", str(tmp_path / "b.json"),
               "--plot", str(tmp_path / "b.png")])
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_bench_gpu_says_why_it_skipped(capsys):
+    assert main(["bench", "gpu"]) == 0
+    assert "GPU paths skipped: torch.cuda.is_available() is False" in capsys.readouterr().out
+
+
+def test_peak_is_the_best_of_every_size():
+    import argparse
+    args = argparse.Namespace(peak_sizes=[16, 32], rounds=1)
+    results, batches = bench.measure_peaks(args, torch.device("cpu"))
+    sizes = [b.n for b in batches["float32 every size"]]
+    assert sizes == [16, 32] and batches["float32"].n == results["float32"]["size"] in sizes

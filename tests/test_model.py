@@ -293,6 +293,39 @@ def test_activation_checkpointing_gives_identical_gradients():
         assert torch.equal(p.grad, q.grad), name
 
 
+@pytest.mark.parametrize("every, part", [(2, "block"), (1, "attention"), (3, "attention")])
+def test_selective_checkpointing_gives_identical_gradients(every, part):
+    torch.manual_seed(0)
+    plain = M.GPT(small(n_layers=3))
+    ckpt = M.GPT(small(n_layers=3, activation_checkpointing=True, checkpoint_every=every,
+                       checkpoint_part=part))
+    ckpt.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 97, (2, 24))
+    for m in (plain, ckpt):
+        m(idx, idx)[1].backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_selective_checkpointing_recomputes_the_chosen_parts():
+    """Count forward calls: a recomputed part runs twice in one training step."""
+    for every, part, expected in ((1, "block", [2, 2, 2, 2]), (2, "block", [2, 1, 2, 1]),
+                                  (3, "attention", [2, 1, 1, 2])):
+        model = M.GPT(small(n_layers=4, activation_checkpointing=True, checkpoint_every=every,
+                            checkpoint_part=part))
+        counts = [0] * 4
+        for i, block in enumerate(model.blocks):
+            count = lambda *a, i=i: counts.__setitem__(i, counts[i] + 1)
+            block.attn.register_forward_pre_hook(count)      # fires again when recomputed
+        idx = torch.randint(0, 97, (2, 8))
+        model(idx, idx)[1].backward()
+        assert counts == expected, (every, part, counts)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive"):
+        small(checkpoint_every=0)
+    with pytest.raises(ValueError, match="checkpoint_part must be"):
+        small(checkpoint_part="mlp")
+
+
 def test_param_formula_equals_numel_for_every_preset():
     for name, config in M.PRESETS.items():
         with torch.device("meta"):

@@ -46,8 +46,8 @@ def test_hand_worked_merges():
     """The merges table of the chapter, ties included, from both trainers."""
     text = "the cat sat on the mat; the rat sat on the cat"
     expected = [(b"a", b"t"), (b"t", b"h"), (b"th", b"e"), (b" ", b"the"), (b"s", b"at"), (b"o", b"n")]
-    for naive in (True, False):
-        tok = BPETokenizer.train(text, 256 + 6 + 1, naive=naive)
+    for trainer in ("naive", "incremental", "fast"):
+        tok = BPETokenizer.train(text, 256 + 6 + 1, trainer=trainer)
         assert [(tok.vocab[a], tok.vocab[b]) for a, b in tok.merges] == expected
         ids = tok.encode(text)
         assert len(text.encode()) == 46 and len(ids) == 25
@@ -70,7 +70,36 @@ def test_naive_and_incremental_trainers_agree(seed):
         text += BOOK[:3000 * seed]
     words = {tuple(p.encode()): n for p, n in tk.pretoken_counts(text, GPT2_PATTERN).items()}
     n = r.randint(20, 150)
-    assert tk.merges_naive(words, n) == tk.merges_incremental(words, n)
+    naive = tk.merges_naive(words, n)
+    assert naive == tk.merges_incremental(words, n) == tk.merges_fast(words, n)
+
+
+def test_three_trainers_agree_on_the_book():
+    """Hundreds of merges on real text, where ties and overlapping pairs (like 'ee') occur."""
+    words = {tuple(p.encode()): n for p, n in tk.pretoken_counts(BOOK[:40000] + multilingual(
+        100, seed=9), GPT2_PATTERN).items()}
+    fast = tk.merges_fast(words, 400)
+    assert len(fast) == 400 and fast == tk.merges_incremental(words, 400)
+    assert fast[:60] == tk.merges_naive(words, 60)
+
+
+def test_parallel_pretoken_counts_equal_serial():
+    docs = [BOOK[k * 3000:(k + 1) * 3000] + multilingual(20, seed=k) for k in range(7)]
+    text = EOT.join(docs) + "<|x|>" + multilingual(30, seed=11)
+    for specials in ([EOT, "<|x|>"], []):
+        serial = tk.pretoken_counts(text, GPT2_PATTERN, specials)
+        for processes in (1, 2, 3):
+            assert tk.pretoken_counts_parallel(text, GPT2_PATTERN, specials, processes) == serial
+
+
+def test_fast_trainer_when_nothing_pairs():
+    assert tk.merges_fast({(97,): 3, (98,): 1}, 5) == []
+    assert tk.count_pairs(["ab", "b", "abab"], [2, 5, 1])[0] == {"ab": 4, "ba": 1}
+
+
+def test_unknown_trainer():
+    with pytest.raises(ValueError, match="unknown trainer 'quick'"):
+        BPETokenizer.train("hello", 300, trainer="quick")
 
 
 def test_training_stops_when_no_pairs_are_left():
