@@ -10,11 +10,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ORG := llm.org
 
-.PHONY: help setup tangle test pdf results bench check clean train finetune
+.PHONY: help setup tangle test pdf results bench check clean train finetune tested-by
 .PHONY: finetune-classify finetune-instruct finetune-dpo
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv and install the pinned requirements (once)
 
@@ -34,6 +34,12 @@ pdf: $(STAMP) ## weave llm.org into the book, pdf/llm.pdf
 
 results: $(STAMP) ## recompute the frozen results under pdf/results/ (NAMES="a b" for some)
 	$(PY) results.py $(ORG) $(NAMES)
+
+# `make tested-by`: the whole suite once more, under coverage.py, to learn which tests run which
+# block; writes pdf/tested-by.json, which the book's chunk labels and its test appendix print
+# (slow: not part of `make test`, which only checks that the record matches the code).
+tested-by: tangle ## record which tests run which block of code (pdf/tested-by.json; slow)
+	$(PY) tested_by.py $(ORG)
 
 # `make bench` measures this machine into runs/bench.*; BENCH_OUT=pdf/results re-records the
 # run the Speed chapter cites (its prose is then checked against the new numbers).
