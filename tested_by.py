@@ -250,7 +250,7 @@ def load(doc: literate.Document, outputs: dict[str, literate.Output]) -> Record 
         data = json.loads(path.read_text(encoding="utf-8"))
         recorded = {(e["chunk"], e["file"], e["code"]): e for e in data["blocks"]}
         current = data["code"] == code_hash(outputs)
-        complete, measured = bool(data.get("complete", True)), int(data["tests measured"])
+        complete, measured = bool(data.get("complete", True)), int(data.get("tests measured", 0))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TangleError(path, None, f"unreadable ({e}): run `make tested-by`") from None
     entries, changed, tests = {}, [], {}

@@ -47,7 +47,7 @@ def test_the_record_matches_the_code():
     assert rec.current and not changed, (
         f"the code changed since pdf/tested-by.json was recorded (blocks: {changed}): "
         "run `make tested-by`")
-    assert sum(e.state == "tested" for e in rec.entries.values()) > 100
+    assert sum(e.state == "tested" for e in rec.entries.values()) > 50
 
 
 def test_function_lines_are_the_bodies():
