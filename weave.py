@@ -303,7 +303,6 @@ def listing_source(book: Book) -> str:
                          else "[blocks the book does not show]")
                 body.append(f"#index-entry([#metadata(\"test\") <{test_label(t)}>"
                             f"#raw({typ_str(test_short(t))})], {pages})")
-        body = ["#columns(2, gutter: 1.5em)[", *body, "]"]
     return "#let tested-by-listing() = [\n" + "\n".join(body) + "\n]\n"
 
 

@@ -205,8 +205,8 @@ def test_every_computed_output_fits_the_page():
         wrapped += sum(1 for line in printed if line.startswith(weave.CONTINUED))
         wide += [f"{where}: {columns(line)} characters" for line in printed if columns(line) > limit]
         # Nothing is lost: the marks and the breaks taken out, the text is what was printed.
-        assert " ".join(line.removeprefix(weave.CONTINUED) for line in printed).split() == \
-            text.expandtabs(8).split()
+        assert "".join("".join(line.removeprefix(weave.CONTINUED) for line in printed).split()) \
+            == "".join(text.split())
     assert wide == []
     assert wrapped >= 9         # the prepare messages, the FLOP table, a BPE line, a JSON file
 
