@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 ORG := llm.org
 
 .PHONY: help setup tangle test test-notebooks pdf html notebooks results bench check clean
-.PHONY: train finetune speedrun speedrun-table
+.PHONY: train finetune speedrun speedrun-table tested-by
 .PHONY: finetune-classify finetune-instruct finetune-dpo
 
 help: ## list the targets
@@ -42,6 +42,12 @@ notebooks: tangle ## a Jupyter notebook per chapter, notebooks/NN-chapter.ipynb 
 
 results: $(STAMP) ## recompute the frozen results under pdf/results/ (NAMES="a b" for some)
 	$(PY) results.py $(ORG) $(NAMES)
+
+# `make tested-by`: the whole suite once more, under coverage.py, to learn which tests run which
+# block; writes pdf/tested-by.json, which the book's chunk labels and its test appendix print
+# (slow: not part of `make test`, which only checks that the record matches the code).
+tested-by: tangle ## record which tests run which block of code (pdf/tested-by.json; slow)
+	$(PY) tested_by.py $(ORG)
 
 # `make bench` measures this machine into runs/bench.*; BENCH_OUT=pdf/results re-records the
 # run the Speed chapter cites (its prose is then checked against the new numbers).

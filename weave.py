@@ -25,6 +25,7 @@ from pathlib import Path
 
 import results
 import literate
+import tested_by
 from literate import TangleError
 
 TEMPLATE = Path(__file__).resolve().parent / "pdf" / "book.typ"
@@ -56,6 +57,8 @@ class Book:
     files: dict[str, list[Piece]]         # target -> its blocks, in document order
     users: dict[str, list[Piece]] = field(default_factory=dict)  # chunk -> blocks using it
     identifiers: list[Identifier] = field(default_factory=list)  # top-level names of the code
+    tested: tested_by.Record | None = None     # which tests run which block (pdf/tested-by.json)
+    listing: bool = False                 # the book places the test listing (#tested-by-listing())
 
     def shown(self, pieces: list[Piece]) -> list[Piece]:
         return [p for p in pieces if p.visible]
@@ -233,6 +236,138 @@ def identifiers(book: Book, outputs: dict[str, literate.Output]) -> list[Identif
         if p and p.visible and p is not ident.defined and p not in ident.users:
             ident.users.append(p)
     return sorted(found.values(), key=lambda i: (i.name.casefold(), i.name, i.file))
+
+
+# ---------------------------------------------------------------------------
+# Tested by: the tests that run each block, from pdf/tested-by.json (tested_by.py)
+# ---------------------------------------------------------------------------
+
+TESTED_WIDTH = 72       # characters of test names on a chunk's "Tested by" line
+LISTING = "#tested-by-listing()"    # where the book places the test listing (an export block)
+
+
+def test_label(test: str) -> str:
+    """`test_x.py::test_y` -> the Typst label of its entry in the listing, tb-test_x.test_y."""
+    return "tb-" + re.sub(r"[^\w.-]", "-", test.replace(".py::", ".").replace("::", "."))
+
+
+def test_short(test: str) -> str:
+    """`test_x.py::test_y` -> test_y: how a chunk's label names it."""
+    return test.split("::", 1)[-1]
+
+
+def tested_arg(book: Book, p: Piece) -> str | None:
+    """The `tested:` argument of a chunk: its most specific tests first, as many as fit."""
+    rec = book.tested
+    entry = rec.entries.get(p.block.line) if rec else None
+    if entry is None:
+        return None                     # no record, or no Python code of its own
+    if entry.state != "tested":
+        partial = ", partial: true" if not rec.complete else ""
+        return f"(state: {typ_str(entry.state)}{partial})"
+    # A test that runs few blocks says more about this one than a run of the whole program.
+    order = sorted(entry.tests, key=lambda t: (len(rec.tests[t]), t))
+    shown, width = [], 0
+    for t in order:
+        if shown and width + len(test_short(t)) > TESTED_WIDTH:
+            break
+        shown.append(t)
+        width += len(test_short(t)) + 2
+    items = "".join(f"({typ_str(test_short(t))}, "
+                    f"{typ_str(test_label(t)) if book.listing else 'none'}), " for t in shown)
+    return (f"(state: \"tested\", count: {len(entry.tests)}, tests: ({items}), "
+            f"more: {len(entry.tests) - len(shown)}, listing: {'true' if book.listing else 'false'})")
+
+
+def listing_source(book: Book) -> str:
+    """`#let tested-by-listing() = [...]`: each test, by file, with the pages of the blocks
+    it runs; the book places it with an export block holding `#tested-by-listing()`."""
+    rec = book.tested
+    if rec is None:
+        body = ["No record says which tests run which block: `make tested-by` writes "
+                f"`{tested_by.DATA}`."]
+    else:
+        visible = {p.block.line for p in book.pieces if p.visible}
+        files: dict[str, list[str]] = {}
+        for t in sorted(rec.tests):
+            files.setdefault(t.split("::")[0], []).append(t)
+        body = [f"#metadata(\"tests\") <tested-by-listing>"]
+        if not rec.complete:
+            body.append(f"_Measured on {rec.measured} tests, an interrupted run of the suite: "
+                        "a block may be run by a test that is not listed._")
+        for f, tests in sorted(files.items()):
+            body += [f"#block(above: 1.1em, below: 0.6em, sticky: true, strong(raw({typ_str(f)})))"]
+            for t in tests:
+                ids = [f"blk-{line}" for line in rec.tests[t] if line in visible]
+                pages = (f"[#pages-of(({', '.join(map(typ_str, ids))},))]" if ids
+                         else "[blocks the book does not show]")
+                body.append(f"#index-entry([#metadata(\"test\") <{test_label(t)}>"
+                            f"#raw({typ_str(test_short(t))})], {pages})")
+    return "#let tested-by-listing() = [\n" + "\n".join(body) + "\n]\n"
+
+
+def tested_warnings(book: Book) -> list[str]:
+    rec = book.tested
+    if rec is not None and not rec.complete:
+        return [f"{tested_by.DATA} is from an interrupted run ({rec.measured} tests): "
+                "run `make tested-by`"]
+    if rec is None or rec.current:
+        return []
+    changed = ", ".join(f"{book.doc.path.name}:{b.line}" for b in rec.changed[:5])
+    more = f" and {len(rec.changed) - 5} more" if len(rec.changed) > 5 else ""
+    return [f"{tested_by.DATA} was recorded on other code ({len(rec.changed)} blocks changed"
+            + (f": {changed}{more}" if changed else "") + "): run `make tested-by`"]
+
+
+# ---------------------------------------------------------------------------
+# Computed output that fits the page
+# ---------------------------------------------------------------------------
+# A result printed as a block of text (what a command prints) is wrapped by the weave,
+# never by the typesetter: a line wider than the page is cut at a space and continues
+# on the next line after the mark ↪.
+
+MONO_ADVANCE = 0.602        # DejaVu Sans Mono: every glyph is 0.602 em wide
+A4_WIDTH_PT = 595.28        # 210 mm
+UNIT_PT = {"pt": 1.0, "cm": 72 / 2.54, "mm": 72 / 25.4}
+CONTINUED = "↪ "
+
+
+def code_columns(typ: str) -> int:
+    """Characters of code one line of a code block holds: the text width (A4 less the x
+    margins) less the block's x inset on both sides, over one mono glyph at code-size."""
+    def length(pattern: str) -> float:
+        value, unit = re.search(pattern, typ, re.S).groups()
+        return float(value) * UNIT_PT[unit]
+    size = length(r"#let code-size = ([\d.]+)(pt)")
+    margin = length(r"margin: \(x: ([\d.]+)(cm|mm|pt)")
+    inset = length(r"raw\.where\(block: true\).*?inset: \(x: ([\d.]+)(pt)")
+    return int((A4_WIDTH_PT - 2 * margin - 2 * inset) / (MONO_ADVANCE * size))
+
+
+def columns(line: str) -> int:
+    """Columns a line takes in a monospace font: wide (CJK) characters take two."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line.expandtabs(8))
+
+
+def wrap_output(text: str, limit: int) -> str:
+    """Each line wider than limit cut, at its last space that fits if it has one, into
+    lines that continue after ↪."""
+    out = []
+    for line in text.expandtabs(8).split("\n"):
+        first, room = True, limit
+        while columns(line) > room:
+            k, width = 0, 0
+            while columns(line[k]) + width <= room:        # the longest head that fits
+                width += columns(line[k])
+                k += 1
+            space = line.rfind(" ", 0, k + 1)
+            cut = space if space >= max(1, room // 3) else k
+            out.append(("" if first else CONTINUED) + line[:cut].rstrip())
+            line, first = line[cut:].lstrip(" "), False
+            room = limit - columns(CONTINUED)
+        out.append(line if first else CONTINUED + line)
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------
@@ -429,6 +564,7 @@ class Rewriter:
         self.equations: set[str] = set()
         self.warnings: list[str] = []
         self.dollar_lines: set[int | None] = set()   # lines already warned of a stray $
+        self.columns = code_columns(TEMPLATE.read_text(encoding="utf-8"))
 
     # -- helpers ------------------------------------------------------------
     def mark(self, line: int | None = None) -> str:
@@ -705,6 +841,8 @@ class Rewriter:
             args.append(f"used: ({', '.join(used)},)")
         if p.refs:
             args.append("noweb: chunk-targets")
+        if (tested := tested_arg(book, p)) is not None:
+            args.append(f"tested: {tested}")
         lang = b.lang
         args.append(f"lang: {typ_str(lang)}")
         # The body as Org gives it (escapes and common indentation removed).
@@ -799,7 +937,8 @@ class Rewriter:
         ref = real[0]["c"][2][0][len("result:"):]
         line, value = self.result_value(ref)
         if isinstance(value, str) and "\n" in value:
-            return self.mark_block(line) + [el("CodeBlock", [["", [], []], value.rstrip("\n")])]
+            text = wrap_output(value.rstrip("\n"), self.columns)
+            return self.mark_block(line) + [el("CodeBlock", [["", [], []], text])]
         if not isinstance(value, list):
             return None
         if not value or not all(isinstance(r, list) and len(r) == len(value[0]) for r in value):
@@ -1074,6 +1213,7 @@ def typst_source(book: Book, body: str) -> str:
     return (TEMPLATE.read_text(encoding="utf-8")
             + f"\n// ---- generated by weave.py from {doc.path.name} ----\n"
             + "#let chunk-targets = (\n" + "\n".join(targets or ["  :"]) + "\n)\n"
+            + listing_source(book)
             + f"#show: book.with({args})\n\n"
             + body + index_source(book))
 
@@ -1176,6 +1316,8 @@ def prepare(org: Path) -> tuple[Book, dict, results.Results]:
     for p in book.pieces:
         p.visible = p.id in shown       # pandoc drops :exports none blocks
     book.identifiers = identifiers(book, outputs)
+    book.tested = tested_by.load(doc, outputs)
+    book.listing = any(line.strip() == LISTING for line in doc.lines)
     res = results.load(doc)             # cheap results run now, frozen ones are read
     return book, ast, res
 
@@ -1186,7 +1328,7 @@ def book_source(org: Path, prepared: tuple | None = None) -> tuple[Book, str]:
     doc = book.doc
     rewriter = Rewriter(book, ast, res)
     ast["blocks"] = rewriter.run()
-    for w in res.warnings + rewriter.warnings + missing_glyphs(book.doc):
+    for w in res.warnings + rewriter.warnings + tested_warnings(book) + missing_glyphs(book.doc):
         print(f"warning: {w}", file=sys.stderr)
     return book, typst_source(book, write_typst(doc, ast))
 

@@ -10,6 +10,7 @@ sys.path.insert(0, str(ROOT))            # tangle.py, literate.py, weave.py, res
 sys.path.insert(0, str(ROOT / "build"))  # the package tangled from llm.org
 
 import tangle  # noqa: E402
+import tested_by  # noqa: E402
 
 
 def book_frames(tb, org: Path = ROOT / "llm.org") -> list[str]:
@@ -38,6 +39,10 @@ def pytest_runtest_makereport(item, call):
         frames = book_frames(call.excinfo.tb)
         if frames:
             report.sections.append(("where to fix it in llm.org", "\n".join(frames)))
+
+
+# Under `make tested-by`, each test is named to coverage.py (tested_by.py says how).
+pytest_runtest_protocol = tested_by.per_test_context()
 
 
 @pytest.fixture

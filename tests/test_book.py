@@ -123,29 +123,10 @@ def test_results_output_is_what_the_block_prints(tmp_path):
 # the source keeps every printed code line within what the page holds at the code font.
 
 TYPST = ROOT / "pdf" / "book.typ"
-MONO_ADVANCE = 0.602        # DejaVu Sans Mono: every glyph is 0.602 em wide
-A4_WIDTH_PT = 595.28        # 210 mm
-UNIT_PT = {"pt": 1.0, "cm": 72 / 2.54, "mm": 72 / 25.4}
 BEGIN_EXAMPLE = re.compile(r"^[ \t]*#\+begin_example\b", re.I)
 END_EXAMPLE = re.compile(r"^[ \t]*#\+end_example\b", re.I)
-
-
-def code_columns(typ: str) -> int:
-    """Characters of code one line of a code block holds: the text width (A4 less the x
-    margins) less the block's x inset on both sides, over one mono glyph at code-size."""
-    def length(pattern: str) -> float:
-        value, unit = re.search(pattern, typ, re.S).groups()
-        return float(value) * UNIT_PT[unit]
-    size = length(r"#let code-size = ([\d.]+)(pt)")
-    margin = length(r"margin: \(x: ([\d.]+)(cm|mm|pt)")
-    inset = length(r"raw\.where\(block: true\).*?inset: \(x: ([\d.]+)(pt)")
-    return int((A4_WIDTH_PT - 2 * margin - 2 * inset) / (MONO_ADVANCE * size))
-
-
-def columns(line: str) -> int:
-    """Columns a line takes in a monospace font: wide (CJK) characters take two."""
-    import unicodedata
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line.expandtabs(8))
+code_columns = weave.code_columns       # the weave wraps computed output at the same width
+columns = weave.columns
 
 
 def wide_code_lines(org_text: str, limit: int) -> list[str]:
@@ -194,3 +175,45 @@ def test_a_wide_code_line_fails():
                                          "llm.org:13: 45 characters, the page holds 44"]
     assert wide_code_lines(text, 45) == []
     assert columns("a\tb") == 9 and columns("日本") == 4
+
+
+def placed_texts(res: results.Results) -> dict[str, str]:
+    """Each multi-line text result the book places alone in a paragraph (a verbatim block)."""
+    lines = res.doc.lines
+    out = {}
+    for c in results.citations(res.doc):
+        if lines[c.line - 1].strip() != f"[[result:{c.ref}]]":
+            continue
+        value = results.lookup(res, c.ref)
+        if isinstance(value, str) and "\n" in value:
+            out[f"llm.org:{c.line} [[result:{c.ref}]]"] = value
+    return out
+
+
+def test_every_computed_output_fits_the_page():
+    """What a command printed is wrapped by the weave with a visible mark, never by the
+    typesetter: every line of every placed output, as the weave prints it, fits."""
+    doc = tangle.parse(ORG)
+    tangle.resolve(doc)
+    res = results.load(doc)
+    limit = code_columns(TYPST.read_text(encoding="utf-8"))
+    texts = placed_texts(res)
+    assert len(texts) >= 10
+    wrapped, wide = 0, []
+    for where, text in texts.items():
+        printed = weave.wrap_output(text.rstrip("\n"), limit).split("\n")
+        wrapped += sum(1 for line in printed if line.startswith(weave.CONTINUED))
+        wide += [f"{where}: {columns(line)} characters" for line in printed if columns(line) > limit]
+        # Nothing is lost: the marks and the breaks taken out, the text is what was printed.
+        assert "".join("".join(line.removeprefix(weave.CONTINUED) for line in printed).split()) \
+            == "".join(text.split())
+    assert wide == []
+    assert wrapped >= 9         # the prepare messages, the FLOP table, a BPE line, a JSON file
+
+
+def test_wrapped_output_marks_every_continuation():
+    text = "alpha beta gamma delta\nshort\n" + "x" * 25
+    assert weave.wrap_output(text, 12).split("\n") == [
+        "alpha beta", "↪ gamma", "↪ delta", "short", "x" * 12, "↪ " + "x" * 10, "↪ xxx"]
+    assert weave.wrap_output("日本語のテキスト", 8) == "日本語の\n↪ テキス\n↪ ト"
+    assert weave.wrap_output("fits exactly", 12) == "fits exactly"
