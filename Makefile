@@ -75,7 +75,7 @@ ARGS ?=
 MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 # The cpu preset with rotary positions: the speedrun's largest lesson (llm.org, "A speedrun").
-train: tangle ## train the default model on Shakespeare (about 10 min on a laptop CPU) into runs/
+train: tangle ## train the default model on Shakespeare (about 20 min on a 2-core CPU) into runs/
 	test -f $(DATA)/meta.json || PYTHONPATH=build $(PY) -m llm prepare
 	PYTHONPATH=build $(PY) -m llm train --preset cpu --pos rope --data $(DATA) \
 	  --out $(RUN) $(ARGS)
