@@ -823,6 +823,30 @@ def check_generated_folder(out: Path, marker: str, tool: str) -> None:
                           "or choose another folder with -o")
 
 
+def generated_folder_main(argv: list[str] | None, tool: str, description: str, folder: str,
+                          build, marker: str, suffix: str, noun: str) -> int:
+    """The command line of a tool that writes a whole folder from an Org file (web.py,
+    notebooks.py): refuse a folder it did not make, build, write all or nothing."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog=tool, description=description)
+    parser.add_argument("org", nargs="?", default=Path("llm.org"), type=Path,
+                        help="the Org file (default: llm.org)")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help=f"the folder to write (default: {folder}/ beside the Org file)")
+    args = parser.parse_args(argv)
+    out = args.output or args.org.resolve().parent / folder
+    try:
+        check_generated_folder(out, marker, tool)
+        files = build(args.org)
+        write_folder(out, files, marker)
+    except TangleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}/ ({sum(f.endswith(suffix) for f in files)} {noun})")
+    return 0
+
+
 def write_folder(out: Path, files: dict[str, bytes], marker: str) -> None:
     """Replace the folder `out` by exactly `files` (relative path -> bytes), all or nothing.
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import literate
 import weave
 import web
-from literate import TangleError
 from weave import Piece, el
 
 MARKER = ".weave-notebooks"
@@ -278,25 +277,9 @@ def notebooks(org: Path, prepared: tuple | None = None) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="notebooks.py", description="A Jupyter notebook per "
-                                     "chapter of llm.org, into notebooks/ (run them after "
-                                     "`make tangle`).")
-    parser.add_argument("org", nargs="?", default=Path("llm.org"), type=Path,
-                        help="the Org file (default: llm.org)")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="the folder to write (default: notebooks/ beside the Org file)")
-    args = parser.parse_args(argv)
-    out = args.output or args.org.resolve().parent / "notebooks"
-    try:
-        literate.check_generated_folder(out, MARKER, "notebooks.py")
-        files = notebooks(args.org)
-        literate.write_folder(out, files, MARKER)
-    except TangleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}/ ({sum(f.endswith('.ipynb') for f in files)} notebooks)")
-    return 0
+    return literate.generated_folder_main(
+        argv, "notebooks.py", "A Jupyter notebook per chapter of llm.org, into notebooks/ "
+        "(run them after `make tangle`).", "notebooks", notebooks, MARKER, ".ipynb", "notebooks")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import literate
 import weave
-from literate import TangleError
 from weave import Piece, el, stringify
 
 STYLE = Path(__file__).resolve().parent / "pdf" / "book.css"
@@ -441,24 +440,9 @@ def site(org: Path, prepared: tuple | None = None) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="web.py", description="The web edition: llm.org -> "
-                                     "html/ (one page per chapter, contents, indexes).")
-    parser.add_argument("org", nargs="?", default=Path("llm.org"), type=Path,
-                        help="the Org file (default: llm.org)")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="the folder to write (default: html/ beside the Org file)")
-    args = parser.parse_args(argv)
-    out = args.output or args.org.resolve().parent / "html"
-    try:
-        literate.check_generated_folder(out, MARKER, "web.py")
-        files = site(args.org)
-        literate.write_folder(out, files, MARKER)
-    except TangleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}/ ({sum(f.endswith('.html') for f in files)} pages)")
-    return 0
+    return literate.generated_folder_main(
+        argv, "web.py", "The web edition: llm.org -> html/ (one page per chapter, contents, "
+        "indexes).", "html", site, MARKER, ".html", "pages")
 
 
 if __name__ == "__main__":
