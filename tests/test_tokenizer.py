@@ -2,6 +2,7 @@
 import base64
 import json
 import random
+import re
 
 import pytest
 import regex
@@ -90,6 +91,30 @@ def test_parallel_pretoken_counts_equal_serial():
         serial = tk.pretoken_counts(text, GPT2_PATTERN, specials)
         for processes in (1, 2, 3):
             assert tk.pretoken_counts_parallel(text, GPT2_PATTERN, specials, processes) == serial
+
+
+def test_ascii_twin_classes_hold_the_same_ascii_characters():
+    ascii_chars = [chr(c) for c in range(128)]
+    for ours, twin in [(r"\s", r"\s"), (r"\p{L}", "[A-Za-z]"), (r"\p{N}", "[0-9]"),
+                       (r"[^\s\p{L}\p{N}]", r"[^\sA-Za-z0-9]")]:
+        assert ([c for c in ascii_chars if regex.fullmatch(ours, c)]
+                == [c for c in ascii_chars if re.fullmatch(twin, c, re.ASCII)]), ours
+
+
+def test_ascii_twin_splits_like_the_pattern():
+    r = random.Random(0)
+    pieces = [chr(c) for c in range(128)] + ["'s", "'ll", "'D", "  ", "\n\n", " 12", "ab"]
+    texts = ["".join(r.choices(pieces, k=r.randint(0, 80))) for _ in range(3000)]
+    texts.append("".join(c for c in BOOK if c.isascii()))
+    twin = re.compile(tk.ASCII_TWINS[GPT2_PATTERN], re.ASCII)
+    split = tk.pretoken_splitter(GPT2_PATTERN)
+    for text in texts:
+        expected = regex.findall(GPT2_PATTERN, text)
+        assert twin.findall(text) == expected and split(text) == expected
+    for text in PHRASES:    # text that is not ASCII takes the pattern itself
+        assert split(text) == regex.findall(GPT2_PATTERN, text)
+    assert tk.pretoken_splitter(GPT4_PATTERN)("Don't 12345") == regex.findall(GPT4_PATTERN,
+                                                                              "Don't 12345")
 
 
 def test_fast_trainer_when_nothing_pairs():
