@@ -383,7 +383,33 @@ def marked_source(doc: literate.Document) -> str:
     lines = list(doc.lines)
     for b in doc.blocks:
         lines[b.line - 1] = lines[b.line - 1].rstrip() + f" :weave-id {b.line}"
-    return "\n".join(lines)
+    return "\n".join(join_split_links(lines))
+
+
+OPEN_LINK = re.compile(r"\[\[(?:(?!\]\]).)*$")   # a link still open where its line ends
+
+
+def join_split_links(lines: list[str]) -> list[str]:
+    """Org reads a link that runs over a line break; pandoc's Org reader leaves it as
+    text. In prose, move the break out of the link (line count unchanged): the rest of
+    the link joins its first line or, when nothing follows the link, its start moves down."""
+    lines, block = list(lines), False
+    for i in range(len(lines) - 1):
+        marker = lines[i].lstrip().lower()
+        if marker.startswith(("#+begin_", "#+end_")):
+            block = marker.startswith("#+begin_")
+            continue
+        m = OPEN_LINK.search(lines[i])
+        if block or not m or "]]" not in lines[i + 1]:
+            continue
+        rest, tail = lines[i + 1].split("]]", 1)
+        if tail.strip():          # "... [[*How fast" / "is it?]] times them."
+            lines[i] += " " + rest.strip() + "]]"
+            lines[i + 1] = tail.lstrip()
+        elif lines[i][:m.start()].strip():   # nothing after the link: its start moves down
+            lines[i], lines[i + 1] = lines[i][:m.start()].rstrip(), (
+                m.group() + " " + lines[i + 1].lstrip())
+    return lines
 
 
 def pandoc(doc: literate.Document, args: list[str], text: str) -> tuple[str, str]:

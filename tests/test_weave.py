@@ -229,3 +229,11 @@ def test_the_real_book(tmp_path, llm_book):
     assert len(book.identifiers) > 300 and {"GPT", "generate", "PRESETS"} <= {i.name for i in book.identifiers}
     for ident in book.identifiers:
         assert f"{ident.name} {Path(ident.file).name} defined" in text
+
+
+def test_a_link_over_a_line_break_becomes_one_link():
+    lines = ["Timed in [[*How fast", "is it?]] below.", "#+begin_src python",
+             "x = [[1,", " 2]]", "#+end_src", "See [[*The", "data]]", "then more."]
+    assert weave.join_split_links(lines) == [
+        "Timed in [[*How fast is it?]]", "below.", "#+begin_src python",
+        "x = [[1,", " 2]]", "#+end_src", "See", "[[*The data]]", "then more."]
