@@ -281,23 +281,14 @@ def test_embeddings_are_nn_embedding_and_blocks_a_module_list():
     assert all(not k.endswith("causal") for k in M.GPT(small(attention="explicit")).state_dict())
 
 
-def test_activation_checkpointing_gives_identical_gradients():
+@pytest.mark.parametrize("shape, every, part", [
+    (dict(pos="rope", n_kv_heads=2), 1, "block"),        # every block, RoPE and GQA
+    (dict(n_layers=3), 2, "block"), (dict(n_layers=3), 1, "attention"),
+    (dict(n_layers=3), 3, "attention")])
+def test_checkpointing_gives_identical_gradients(shape, every, part):
     torch.manual_seed(0)
-    plain = M.GPT(small(pos="rope", n_kv_heads=2))
-    ckpt = M.GPT(small(pos="rope", n_kv_heads=2, activation_checkpointing=True))
-    ckpt.load_state_dict(plain.state_dict())
-    idx = torch.randint(0, 97, (2, 24))
-    for m in (plain, ckpt):
-        m(idx, idx)[1].backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        assert torch.equal(p.grad, q.grad), name
-
-
-@pytest.mark.parametrize("every, part", [(2, "block"), (1, "attention"), (3, "attention")])
-def test_selective_checkpointing_gives_identical_gradients(every, part):
-    torch.manual_seed(0)
-    plain = M.GPT(small(n_layers=3))
-    ckpt = M.GPT(small(n_layers=3, activation_checkpointing=True, checkpoint_every=every,
+    plain = M.GPT(small(**shape))
+    ckpt = M.GPT(small(**shape, activation_checkpointing=True, checkpoint_every=every,
                        checkpoint_part=part))
     ckpt.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 97, (2, 24))
