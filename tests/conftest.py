@@ -45,9 +45,10 @@ def pytest_runtest_makereport(item, call):
 pytest_runtest_protocol = tested_by.per_test_context()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine it only waits."""
+    """Tiny models gain nothing from a second thread, and on a busy machine it only waits:
+    a module asks for it with an autouse fixture, before its module-scoped models train."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -10,12 +10,8 @@ from llm import optim
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from a second thread, and lose a lot when its core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one thread (conftest's one_thread)."""
 
 
 class Net(nn.Module):

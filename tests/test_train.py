@@ -18,13 +18,8 @@ TEXT = (ROOT / "llm.org").read_text(encoding="utf-8")[:40_000]   # a small corpu
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small are bound by per-operation overhead, which a second thread does not
-    help, and on a shared machine a busy second core makes a 2-thread step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")
