@@ -1186,17 +1186,24 @@ def org_options(doc: literate.Document) -> dict[str, str]:
     return out
 
 
+def index_chunks(book: Book) -> list[tuple[str, list[Piece], list[Piece]]]:
+    """(name, its shown blocks, the shown blocks that use it) of every chunk the book
+    shows, in the order of the index: the PDF's and the web edition's."""
+    out = []
+    for name in sorted(book.chunks, key=lambda n: display_name(n).casefold()):
+        shown = book.shown(book.chunks[name])
+        if shown:
+            out.append((name, shown, [u for u in book.users.get(name, []) if u.visible]))
+    return out
+
+
 def index_source(book: Book) -> str:
     """The chunk index, the list of files and the identifier index, as Typst (each if not empty)."""
     def ids(pieces: list[Piece]) -> str:
         return ", ".join(typ_str(p.id) for p in pieces) + ","
 
     chunks = []
-    for name in sorted(book.chunks, key=lambda n: display_name(n).casefold()):
-        shown = book.shown(book.chunks[name])
-        if not shown:
-            continue
-        users = [u for u in book.users.get(name, []) if u.visible]
+    for name, shown, users in index_chunks(book):
         used = f"[used #pages-of(({ids(users)}))]" if users else "[not used]"
         chunks.append(f"#index-entry(chunk-name({typ_str(display_name(name))}, "
                       f"dest: {typ_str(shown[0].id)}), [defined #pages-of(({ids(shown)}))], {used})")

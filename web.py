@@ -356,11 +356,7 @@ def indexes(rw: WebRewriter) -> str:
 
     out = ['<h1 id="indexes">Indexes</h1>']
     chunks = []
-    for name in sorted(book.chunks, key=lambda n: weave.display_name(n).casefold()):
-        shown = book.shown(book.chunks[name])
-        if not shown:
-            continue
-        users = [u for u in book.users.get(name, []) if u.visible]
+    for name, shown, users in weave.index_chunks(book):
         used = f"used {places(users)}" if users else "not used"
         chunks.append(f'<li><a class="chunk-name" href="#{shown[0].id}">⟨'
                       f'{esc(weave.display_name(name))}⟩</a> defined {places(shown)}; {used}</li>')
