@@ -89,3 +89,12 @@ def test_a_text_too_short_is_one_line(tmp_path, capsys):
     assert main(["speedrun", "--text", str(short), "--out", str(tmp_path / "sr")]) == 2
     err = capsys.readouterr().err
     assert "python -m llm speedrun: error:" in err and "Traceback" not in err
+
+
+def test_a_compiled_row_without_a_compiler_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(speedrun.shutil, "which", lambda name: None)
+    row = next(k for k, (_, changes, _) in enumerate(speedrun.RECIPE) if changes.get("compile"))
+    assert main(["speedrun", "--row", str(row), "--out", str(tmp_path / "sr")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a C++ compiler" in err
+    assert not (tmp_path / "sr").exists()
